@@ -1,0 +1,432 @@
+"""Cross-Iteration Batch Normalization (CBN).
+
+Zhuliang Yao, Yue Cao, Shuxin Zheng, Gao Huang, Stephen Lin. "Cross-Iteration Batch Normalization".
+CVPR 2021, arXiv:2002.05712.
+
+Small batches give noisy BN statistics. CBN averages the statistics of the current and the
+``buffer_num`` previous iterations; the past ones were computed with older conv weights, so each is
+first moved to the current weight by a first-order Taylor step in the layer's *own* conv weight::
+
+    μ_τ(W_t) ≈ μ_τ + ρ·Σ_k (W_t − W_τ)[c, k] · ∂μ_τ/∂W[c, k]        (same for ν = E[y²])
+
+Defaults reproduce the official implementation's choices (so numbers compare with the paper's), with
+its defects fixed; see ``docs/cbn.md`` for every deviation. The statistic gradients are closed-form
+(``cbn_stat_grads``): no ``torch.autograd.grad`` in the training path of a bound layer.
+
+BibTeX::
+
+    @inproceedings{yao2021cbn, title={Cross-Iteration Batch Normalization}, author={Yao, Zhuliang and
+      Cao, Yue and Zheng, Shuxin and Huang, Gao and Lin, Stephen}, booktitle={CVPR}, year={2021}}
+"""
+import warnings
+
+import torch
+import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ._validate import (check_eps, check_finite, check_input_dim, check_non_negative_int,
+                        check_positive_int, check_unit_interval)
+from .cbn_binding import CBNBindError, queue_for_binding
+from .cbn_stat_grads import conv_output_size, mean_input_patch, second_moment_weight_grad
+from .distributed import get_world_size, sync_weighted_mean
+
+__all__ = ['CrossIterationBatchNorm2d']
+
+_OWNER = 'CrossIterationBatchNorm2d'
+# Buffers a plain BN checkpoint lacks; see _load_from_state_dict for the policy.
+_CBN_ONLY_BUFFERS = ('iter_count', 'num_fallbacks', 'window_head', 'window_filled', 'window_mean',
+                     'window_sq', 'window_weight', 'window_mean_grad', 'window_sq_grad')
+# Buffers whose shape depends on the conv, unknown until the layer is bound (materialised lazily).
+_CONV_SHAPED_BUFFERS = ('window_weight', 'window_mean_grad', 'window_sq_grad')
+
+
+class CrossIterationBatchNorm2d(_BatchNorm):
+    r"""Cross-iteration batch normalization over a 4D input, bound to the conv that produces it.
+
+    Training, window path (``buffer_num > 0``, burn-in over, input requires grad): with the current
+    batch statistics :math:`\mu_t, \nu_t` and the compensated past entries, every entry whose
+    :math:`\nu - \mu^2 < 0` is dropped, :math:`\bar\mu` = mean of the kept :math:`\mu`,
+    :math:`\bar\sigma^2` = mean of the kept :math:`\nu` − :math:`\bar\mu^2`, and
+
+    .. math:: y = \gamma \frac{x - \bar\mu}{\sqrt{\bar\sigma^2} + \epsilon} + \beta
+
+    Gradients flow through :math:`\mu_t, \nu_t` only. Plain path (burn-in, ``buffer_num=0``): the
+    current batch's mean and *unbiased* variance (the official choice). Both paths update
+    ``running_mean``/``running_var`` with the current batch's mean and unbiased variance; eval uses them.
+
+    Args:
+        num_features (int): channels ``C``.
+        eps (float): added to the standard deviation (official), or to the variance with
+            ``eps_inside_sqrt=True`` (torch BN). Default: 1e-5.
+        momentum (float | None): running-statistics momentum, torch convention
+            (``None``: cumulative average). Default: 0.1.
+        affine (bool): learnable per-channel γ, β. Default: True.
+        track_running_stats (bool): keep running statistics for eval. Default: True.
+        buffer_num (int): past iterations kept; the window is ``buffer_num + 1``. Default: 0 (plain).
+        rho (float): scale of the Taylor compensation (0 = naive cross-iteration averaging). Default: 1.
+        burnin (int): plain-BN training forwards before the window is used, counted per layer and per
+            call like the official code. Epoch-based burn-in: ``cbn_mmdet.engine.CBNBurnInHook``.
+        sync (bool): average statistics and their weight-gradients over ``process_group`` before the
+            compensation (SyncCBN). Default: False.
+        process_group: the group for ``sync``; ``None`` is the default group.
+        eps_inside_sqrt (bool): normalise by ``sqrt(var + eps)`` like torch BN. Default: False (official).
+        unbiased_plain_var (bool): the plain path normalises with the unbiased variance (official).
+            ``False`` uses the biased variance like torch BN. Default: True.
+
+    Shape:
+        - Input: ``(N, C, H, W)``; ``N = 0`` gives an empty output. Output: same shape.
+
+    Example:
+        >>> conv = nn.Conv2d(16, 32, 3, padding=1, bias=False)
+        >>> cbn = CrossIterationBatchNorm2d(32, buffer_num=3, burnin=0)
+        >>> bind_cbn_to_conv(cbn, conv)   # or forward(x, weight) with the conv weight
+        >>> y = cbn(conv(torch.randn(2, 16, 8, 8, requires_grad=True)))
+    """
+
+    _abbr_ = 'bn'   # so BN checkpoints (``...bn.weight``) load into CBN models
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, *,
+                 buffer_num=0, rho=1.0, burnin=0, sync=False, process_group=None,
+                 eps_inside_sqrt=False, unbiased_plain_var=True, device=None, dtype=None):
+        num_features = check_positive_int('num_features', num_features, _OWNER)
+        eps = check_eps(eps, _OWNER)
+        momentum = check_unit_interval('momentum', momentum, _OWNER, allow_none=True)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.buffer_num = check_non_negative_int('buffer_num', buffer_num, _OWNER)
+        self.rho = check_finite('rho', rho, _OWNER)
+        self.burnin = check_non_negative_int('burnin', burnin, _OWNER)
+        self.sync = bool(sync)
+        self.process_group = process_group
+        self.eps_inside_sqrt = bool(eps_inside_sqrt)
+        self.unbiased_plain_var = bool(unbiased_plain_var)
+        # Switched off during an epoch-based burn-in by CBNBurnInHook (re-derived from the epoch each
+        # epoch, so it needs no checkpointing).
+        self.window_enabled = True
+
+        factory = dict(device=device)
+        self.register_buffer('iter_count', torch.zeros((), dtype=torch.long, **factory))
+        self.register_buffer('num_fallbacks', torch.zeros((), dtype=torch.long, **factory))
+        self.register_buffer('window_head', torch.zeros((), dtype=torch.long, **factory))
+        self.register_buffer('window_filled', torch.zeros(self.buffer_num, dtype=torch.bool, **factory))
+        fdtype = dict(device=device, dtype=dtype)
+        self.register_buffer('window_mean', torch.zeros(self.buffer_num, num_features, **fdtype))
+        self.register_buffer('window_sq', torch.zeros(self.buffer_num, num_features, **fdtype))
+        for name in _CONV_SHAPED_BUFFERS:
+            self.register_buffer(name, torch.zeros(0, **fdtype))
+
+        # Host-side mirror of iter_count: the burn-in decision must not read a device tensor.
+        self._iter_shadow = 0
+        self._binding = None          # (conv, hook handle); a plain attribute, not a submodule
+        self._conv_input = None       # the bound conv's latest input, consumed by the next forward
+        self._bind_error = None
+        self._layer_name = None
+        if self.buffer_num > 0:
+            queue_for_binding(self)
+
+    # ------------------------------------------------------------------ binding
+    @property
+    def needs_conv(self):
+        return self.buffer_num > 0
+
+    @property
+    def is_bound(self):
+        return self._binding is not None
+
+    @property
+    def bound_conv(self):
+        return None if self._binding is None else self._binding[0]
+
+    def _display_name(self):
+        return f"CBN layer '{self._layer_name}'" if self._layer_name else 'CBN layer'
+
+    def record_bind_error(self, message):
+        self._bind_error = message
+
+    def bind_conv(self, conv, name=None):
+        """Bind to ``conv`` (an ``nn.Conv2d`` whose output this layer normalises)."""
+        if name is not None:
+            self._layer_name = name
+        who = self._display_name()
+        if not isinstance(conv, nn.Conv2d):
+            raise CBNBindError(f'{who}: expected an nn.Conv2d producer, got {type(conv).__name__}')
+        if conv.out_channels != self.num_features:
+            raise CBNBindError(f'{who}: conv out_channels={conv.out_channels} != num_features='
+                               f'{self.num_features}')
+        if isinstance(conv.padding, str) or conv.padding_mode != 'zeros':
+            raise CBNBindError(f'{who}: conv padding={conv.padding!r}, padding_mode='
+                               f'{conv.padding_mode!r} unsupported (need explicit zero padding)')
+        if type(conv).forward is not nn.Conv2d.forward and not hasattr(conv, 'cbn_effective_weight') \
+                and type(conv).__name__ in ('ConvWS2d', 'ConvAWS2d'):
+            raise CBNBindError(f'{who}: {type(conv).__name__} transforms its weight; use '
+                               f"conv_cfg=dict(type='WSConv') (it exposes the weight it convolves with)")
+        if self._binding is not None:
+            self._binding[1].remove()
+        handle = conv.register_forward_pre_hook(self._capture_conv_input)
+        self._binding = (conv, handle)
+        self._bind_error = None
+
+    def _capture_conv_input(self, conv, args):
+        if self.training and self.buffer_num > 0 and torch.is_grad_enabled():
+            self._conv_input = args[0]
+
+    def _conv_weight(self, conv):
+        getter = getattr(conv, 'cbn_effective_weight', None)
+        return getter() if getter is not None else conv.weight
+
+    # ------------------------------------------------------------------ state
+    def reset_window(self):
+        """Forget every past entry (the counter and running statistics are kept)."""
+        self.window_filled.zero_()
+        self.window_head.zero_()
+
+    def reset_running_stats(self):
+        super().reset_running_stats()
+        if hasattr(self, 'window_filled'):
+            self.reset_window()
+            self.iter_count.zero_()
+            self.num_fallbacks.zero_()
+            self._iter_shadow = 0
+
+    def set_iteration(self, value):
+        """Set the training-forward counter (used by hooks and tests)."""
+        self.iter_count.fill_(int(value))
+        self._iter_shadow = int(value)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        for name in _CONV_SHAPED_BUFFERS:
+            key = prefix + name
+            if key in state_dict and self._buffers[name].numel() == 0:
+                self._buffers[name].resize_(state_dict[key].shape)   # in place: DDP keeps its handle
+        absent = [name for name in _CBN_ONLY_BUFFERS if prefix + name not in state_dict]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if len(absent) == len(_CBN_ONLY_BUFFERS) and prefix + 'running_mean' in state_dict:
+            # Policy for a plain-BN checkpoint (e.g. fine-tuning a BN model with CBN): BN's parameters
+            # and running statistics load; the window starts empty and the counter at 0, so burn-in and
+            # the window restart exactly as in a fresh run. Warn so it is never silent.
+            for name in absent:
+                if prefix + name in missing_keys:
+                    missing_keys.remove(prefix + name)
+            self.reset_window()
+            self.iter_count.zero_()
+            warnings.warn(f"{prefix.rstrip('.') or _OWNER}: loaded a BN checkpoint into CBN; the "
+                          'cross-iteration window starts empty and the iteration counter at 0',
+                          stacklevel=2)
+        self._iter_shadow = int(self.iter_count)
+
+    def extra_repr(self):
+        return (super().extra_repr() + f', buffer_num={self.buffer_num}, rho={self.rho}, '
+                f'burnin={self.burnin}, sync={self.sync}, eps_inside_sqrt={self.eps_inside_sqrt}')
+
+    # ------------------------------------------------------------------ forward
+    def _check_input_dim(self, input):
+        check_input_dim(input, (4,), self._display_name())
+
+    def _momentum_factor(self):
+        if self.momentum is None:
+            return 1.0 / float(self.num_batches_tracked)
+        return self.momentum
+
+    def _normalise(self, x, mean, var):
+        if self.eps_inside_sqrt:
+            inv_std = torch.rsqrt(var + self.eps)
+        else:
+            inv_std = 1.0 / (var.sqrt() + self.eps)
+        scale = inv_std if self.weight is None else inv_std * self.weight.to(inv_std.dtype)
+        shift = -mean * scale
+        if self.bias is not None:
+            shift = shift + self.bias.to(shift.dtype)
+        return torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1))
+
+    def _use_window(self, x):
+        if self.buffer_num == 0 or not self.window_enabled:
+            return False
+        if self.burnin > 0 and self._iter_shadow <= self.burnin:
+            return False
+        return x.requires_grad and torch.is_grad_enabled()
+
+    def forward(self, x, weight=None):
+        self._check_input_dim(x)
+        if not (self.training or not self.track_running_stats):
+            self._conv_input = None
+            return self._eval_forward(x)
+        if not self.training:   # eval without running stats: batch statistics, nothing updated
+            return self._plain_forward(x, update=False)
+
+        if self.buffer_num > 0 and weight is None and self._binding is None:
+            raise CBNBindError(self._bind_error or
+                               f'{self._display_name()} has buffer_num={self.buffer_num} but no conv: '
+                               'bind it (cbn_mmdet.ops.bind_cbn_to_conv) or call forward(x, weight)')
+        self.num_batches_tracked.add_(1)
+        self.iter_count.add_(1)     # every training forward, like the official counter
+        self._iter_shadow += 1
+        conv_input, self._conv_input = self._conv_input, None
+        if x.shape[0] == 0 and not self.sync:
+            return self._empty_output(x)
+        if not self._use_window(x):
+            return self._plain_forward(x, update=True)
+        return self._window_forward(x, weight, conv_input)
+
+    def _empty_output(self, x):
+        # Keep the graph connected to γ/β so that DDP sees every parameter used.
+        out = x * 0 if self.weight is None else x * self.weight.view(1, -1, 1, 1)
+        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
+
+    def _eval_forward(self, x):
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            out = self._normalise(x.to(dtype), self.running_mean.to(dtype), self.running_var.to(dtype))
+        return out.to(x.dtype)
+
+    # Statistics ---------------------------------------------------------------
+    def _batch_moments(self, x):
+        """Current mean, biased variance and element count (global ones under ``sync``)."""
+        count = x.shape[0] * x.shape[2] * x.shape[3]
+        if self.sync and get_world_size(self.process_group) > 1:
+            mean = x.mean((0, 2, 3)) if count else x.new_zeros(x.shape[1])
+            sq = (x * x).mean((0, 2, 3)) if count else x.new_zeros(x.shape[1])
+            (mean, sq), total = sync_weighted_mean((mean, sq), count, group=self.process_group)
+            return mean, sq - mean * mean, total
+        var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+        return mean, var, count
+
+    def _update_running_stats(self, mean, biased_var, count):
+        if not self.track_running_stats:
+            return
+        with torch.no_grad():
+            factor = self._momentum_factor()
+            unbiased = biased_var * (count / (count - 1))
+            self.running_mean.mul_(1 - factor).add_(factor * mean.to(self.running_mean.dtype))
+            self.running_var.mul_(1 - factor).add_(factor * unbiased.to(self.running_var.dtype))
+
+    def _check_count(self, count):
+        if isinstance(count, int) and count <= 1:
+            raise ValueError(f'{self._display_name()}: expected more than 1 value per channel when '
+                             f'training, got {count}')
+
+    def _plain_forward(self, x, update):
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            xs = x.to(dtype)
+            mean, var, count = self._batch_moments(xs)
+            self._check_count(count)
+            if update:
+                self._update_running_stats(mean.detach(), var.detach(), count)
+            if x.shape[0] == 0:
+                return self._empty_output(x)
+            norm_var = var * (count / (count - 1)) if self.unbiased_plain_var else var
+            out = self._normalise(xs, mean, norm_var)
+        return out.to(x.dtype)
+
+    def _window_forward(self, x, weight, conv_input):
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            xs = x.to(dtype)
+            mean_t, var_t, count = self._batch_moments(xs)
+            self._check_count(count)
+            sq_t = var_t + mean_t * mean_t
+            weight_t, mean_grad, sq_grad, groups = self._statistic_grads(xs, weight, conv_input, mean_t, sq_t)
+            if self.sync and get_world_size(self.process_group) > 1:
+                (mean_grad, sq_grad), _ = sync_weighted_mean(
+                    (mean_grad, sq_grad), x.shape[0] * x.shape[2] * x.shape[3], group=self.process_group)
+            mean, var = self._aggregate(mean_t, sq_t, weight_t.to(dtype))
+            self._update_running_stats(mean_t.detach(), var_t.detach(), count)
+            self._push(weight_t, mean_t.detach(), sq_t.detach(), mean_grad, sq_grad, groups)
+            if x.shape[0] == 0:
+                return self._empty_output(x)
+            out = self._normalise(xs, mean, var)
+        return out.to(x.dtype)
+
+    def _statistic_grads(self, xs, weight, conv_input, mean_t, sq_t):
+        """(W_t, dμ/dW as (groups, K), dν/dW as W's shape, groups) for the current iteration."""
+        conv = self.bound_conv
+        if conv is not None and conv_input is not None:
+            weight_t = (self._conv_weight(conv) if weight is None else weight).detach()
+            with torch.no_grad():
+                inp = conv_input.to(xs.dtype)
+                expected = conv_output_size(inp.shape[2:], conv.kernel_size, conv.stride, conv.padding,
+                                            conv.dilation)
+                if inp.shape[0] != xs.shape[0] or tuple(xs.shape[2:]) != expected:
+                    raise CBNBindError(
+                        f'{self._display_name()}: input {tuple(xs.shape)} is not the output of its bound '
+                        f'conv (conv input {tuple(inp.shape)}); is the norm really fed by that conv?')
+                patch = mean_input_patch(inp, conv.kernel_size, conv.stride, conv.padding, conv.dilation)
+                mean_grad = patch.reshape(conv.groups, -1)
+                sq_grad = second_moment_weight_grad(inp, xs.detach(), weight_t.shape, conv.stride,
+                                                    conv.padding, conv.dilation, conv.groups)
+            return weight_t, mean_grad, sq_grad, conv.groups
+        if weight is None:
+            raise CBNBindError(f'{self._display_name()}: the bound conv did not run before this layer '
+                               '(no conv input captured); pass forward(x, weight) or fix the binding')
+        if self.sync:
+            raise CBNBindError(f'{self._display_name()}: sync=True needs a bound conv (closed-form '
+                               'statistic gradients); bind it with cbn_mmdet.ops.bind_cbn_to_conv')
+        # Explicit weight, no conv input: the official way, through autograd (slower, same values).
+        grads = [torch.autograd.grad(stat.sum(), weight, retain_graph=True, allow_unused=True)[0]
+                 for stat in (mean_t, sq_t)]
+        if grads[0] is None:
+            raise CBNBindError(f'{self._display_name()}: the input does not depend on the weight passed '
+                               'to forward(x, weight)')
+        # One row per output channel: the compact (groups, K) layout with groups = C_out.
+        return weight.detach(), grads[0].detach().flatten(1), grads[1].detach(), weight.shape[0]
+
+    def _aggregate(self, mean_t, sq_t, weight_t):
+        """Compensate the window to ``weight_t`` and average the valid entries (current included)."""
+        valid_t = (sq_t - mean_t * mean_t >= 0).detach().to(mean_t.dtype)
+        sum_mean = valid_t * mean_t
+        sum_sq = valid_t * sq_t
+        kept = valid_t
+        if self.window_weight.numel() > 0:
+            with torch.no_grad():
+                past_mean, past_sq = self._compensated_window(weight_t, mean_t.dtype)
+                past_valid = self.window_filled.view(-1, 1) & (past_sq - past_mean * past_mean >= 0)
+                past_valid = past_valid.to(mean_t.dtype)
+                kept = kept + past_valid.sum(0)
+                past_mean_sum = (past_valid * past_mean).sum(0)
+                past_sq_sum = (past_valid * past_sq).sum(0)
+            sum_mean = sum_mean + past_mean_sum
+            sum_sq = sum_sq + past_sq_sum
+        # Guard (official: 0/0 = NaN): no valid entry -> use the current batch alone and count it.
+        none_kept = kept == 0
+        self.num_fallbacks.add_(none_kept.any().long())
+        sum_mean = torch.where(none_kept, mean_t, sum_mean)
+        sum_sq = torch.where(none_kept, sq_t, sum_sq)
+        kept = torch.where(none_kept, torch.ones_like(kept), kept)
+        mean = sum_mean / kept
+        var = (sum_sq / kept - mean * mean).clamp_min(0)
+        return mean, var
+
+    def _compensated_window(self, weight_t, dtype):
+        n, c = self.window_mean.shape
+        delta = (weight_t.unsqueeze(0) - self.window_weight.to(dtype)).reshape(n, c, -1)   # (n, C, K)
+        groups = self.window_mean_grad.shape[1]
+        delta_g = delta.reshape(n, groups, c // groups, -1)
+        d_mean = torch.einsum('ngok,ngk->ngo', delta_g, self.window_mean_grad.to(dtype)).reshape(n, c)
+        d_sq = (delta * self.window_sq_grad.to(dtype).reshape(n, c, -1)).sum(-1)
+        return self.window_mean.to(dtype) + self.rho * d_mean, self.window_sq.to(dtype) + self.rho * d_sq
+
+    @torch.no_grad()
+    def _push(self, weight_t, mean_t, sq_t, mean_grad, sq_grad, groups):
+        """Write the current entry over the oldest slot (a ring: order is irrelevant to a mean)."""
+        self._materialise(weight_t.shape, groups, mean_grad.shape[-1])
+        slot = self.window_head.view(1)
+        self.window_weight.index_copy_(0, slot, weight_t.unsqueeze(0).to(self.window_weight.dtype))
+        self.window_mean_grad.index_copy_(0, slot, mean_grad.unsqueeze(0).to(self.window_mean_grad.dtype))
+        self.window_sq_grad.index_copy_(0, slot, sq_grad.unsqueeze(0).to(self.window_sq_grad.dtype))
+        self.window_mean.index_copy_(0, slot, mean_t.unsqueeze(0).to(self.window_mean.dtype))
+        self.window_sq.index_copy_(0, slot, sq_t.unsqueeze(0).to(self.window_sq.dtype))
+        self.window_filled.index_fill_(0, slot, True)
+        self.window_head.copy_((self.window_head + 1) % self.buffer_num)
+
+    def _materialise(self, weight_shape, groups, patch_len):
+        shapes = {'window_weight': (self.buffer_num, *weight_shape),
+                  'window_mean_grad': (self.buffer_num, groups, patch_len),
+                  'window_sq_grad': (self.buffer_num, *weight_shape)}
+        for name, shape in shapes.items():
+            buf = self._buffers[name]
+            if buf.numel() == 0:
+                buf.resize_(shape).zero_()   # in place: DDP and optimisers keep their handles
+            elif tuple(buf.shape) != shape:
+                raise RuntimeError(f'{self._display_name()}: {name} has shape {tuple(buf.shape)} but the '
+                                   f'conv needs {shape}; was a checkpoint of another model loaded?')

@@ -1,0 +1,60 @@
+"""A literal re-implementation of the official CBatchNorm2d *training* semantics.
+
+Written from the step list in shared/reference/algorithms.md, deliberately naive: Python lists for the
+window (newest first), two ``torch.autograd.grad`` calls per iteration for dμ/dW and dν/dW, per-entry
+loops, no guard for an empty window. It is the oracle our layer must match to float64 precision.
+"""
+import torch
+
+
+class OfficialCBNReference:
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, buffer_num=0, rho=1.0, burnin=0,
+                 dtype=torch.float64):
+        self.c = num_features
+        self.eps, self.momentum = eps, momentum
+        self.buffer_num, self.rho, self.burnin = buffer_num, rho, burnin
+        self.count = 0
+        self.entries = []     # [(mu, nu, dmu_dw, dnu_dw, weight)], newest first
+        self.running_mean = torch.zeros(num_features, dtype=dtype)
+        self.running_var = torch.ones(num_features, dtype=dtype)
+
+    @staticmethod
+    def _per_channel(x):
+        return x.transpose(0, 1).reshape(x.shape[1], -1)
+
+    def __call__(self, x, weight, gamma, beta):
+        if self.burnin > 0:
+            self.count += 1
+        use_window = (self.buffer_num > 0 and (self.burnin == 0 or self.count > self.burnin)
+                      and x.requires_grad)
+        flat = self._per_channel(x)
+        cur_mean = flat.mean(1)
+        cur_unbiased_var = flat.var(1)          # Tensor.var: unbiased by default
+        if use_window:
+            mu = flat.mean(1)
+            nu = (flat * flat).mean(1)
+            ones = torch.ones_like(mu)
+            dmu = torch.autograd.grad(mu, weight, ones, retain_graph=True)[0]
+            dnu = torch.autograd.grad(nu, weight, ones, retain_graph=True)[0]
+            mus, nus = [mu], [nu]
+            w_now = weight.detach()
+            for (p_mu, p_nu, p_dmu, p_dnu, p_w) in self.entries:
+                delta = w_now - p_w
+                mus.append(p_mu + self.rho * (delta * p_dmu).sum(dim=(1, 2, 3)))
+                nus.append(p_nu + self.rho * (delta * p_dnu).sum(dim=(1, 2, 3)))
+            mus, nus = torch.stack(mus), torch.stack(nus)
+            valid = (nus - mus ** 2 >= 0).to(x.dtype)
+            n = valid.sum(0)
+            mean = (valid * mus).sum(0) / n
+            var = (valid * nus).sum(0) / n - mean ** 2
+            self.entries.insert(0, (mu.detach(), nu.detach(), dmu.detach(), dnu.detach(), w_now.clone()))
+            self.entries = self.entries[:self.buffer_num]
+        else:
+            mean, var = cur_mean, cur_unbiased_var
+        m = self.momentum
+        self.running_mean = (1 - m) * self.running_mean + m * cur_mean.detach()
+        self.running_var = (1 - m) * self.running_var + m * cur_unbiased_var.detach()
+        shape = (1, -1, 1, 1)
+        x_hat = (x - mean.view(shape)) / (var.sqrt().view(shape) + self.eps)
+        return x_hat * gamma.view(shape) + beta.view(shape)
