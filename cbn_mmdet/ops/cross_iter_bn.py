@@ -30,7 +30,7 @@ from .cbn_binding import CBNBindError, queue_for_binding
 from .cbn_stat_grads import conv_output_size, mean_input_patch, second_moment_weight_grad
 from .distributed import get_world_size, sync_weighted_mean
 
-__all__ = ['CrossIterationBatchNorm2d']
+__all__ = ['CrossIterationBatchNorm2d', 'SyncCrossIterationBatchNorm2d']
 
 _OWNER = 'CrossIterationBatchNorm2d'
 # Buffers a plain BN checkpoint lacks; see _load_from_state_dict for the policy.
@@ -430,3 +430,18 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             elif tuple(buf.shape) != shape:
                 raise RuntimeError(f'{self._display_name()}: {name} has shape {tuple(buf.shape)} but the '
                                    f'conv needs {shape}; was a checkpoint of another model loaded?')
+
+
+class SyncCrossIterationBatchNorm2d(CrossIterationBatchNorm2d, _BatchNorm):
+    """CBN whose statistics and statistic-gradients are averaged over a process group (``sync=True``).
+
+    The combination the official code could not run: the current μ, ν, dμ/dW and dν/dW are
+    count-weighted means over all ranks (one all-reduce) before the window is compensated, so every rank
+    keeps the same window. ``_BatchNorm`` is listed as a direct base so that mmengine's ``init_cfg``
+    (which matches direct base names) treats it as a BN. Same arguments as
+    :class:`CrossIterationBatchNorm2d`; ``sync`` defaults to True.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, *,
+                 sync=True, **kwargs):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, sync=sync, **kwargs)

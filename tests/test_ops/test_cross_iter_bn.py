@@ -71,3 +71,250 @@ def test_matches_official_conv_geometries(geometry):
     conv, cbn = _pair(buffer_num=3, rho=0.7, **geometry)
     ref = OfficialCBNReference(conv.out_channels, buffer_num=3, rho=0.7)
     _run_sequence(conv, cbn, ref, iters=6, hw=9)
+
+
+def test_compensation_is_exercised():
+    """The sequence above must be sensitive to the compensation: rho=0 (naive) differs from rho=1."""
+    conv, cbn = _pair(buffer_num=3, rho=0.0)
+    ref = OfficialCBNReference(5, buffer_num=3, rho=1.0)
+    with pytest.raises(AssertionError):
+        _run_sequence(conv, cbn, ref)
+
+
+def _bound(cin=3, cout=4, **kwargs):
+    conv, cbn = _pair(cin=cin, cout=cout, **kwargs)
+    bind_cbn_to_conv(cbn, conv)
+    return conv, cbn
+
+
+def _step(conv, cbn, x):
+    out = cbn(conv(x.requires_grad_()))
+    out.sum().backward()
+    return out
+
+
+def test_gradient_accumulation_equals_concatenated_batch():
+    """Unchanged weights: a window of k micro-batches uses the statistics of their concatenation."""
+    conv, cbn = _bound(buffer_num=3)
+    micro = [torch.randn(2, 3, 5, 5, dtype=DT) + i for i in range(4)]
+    for x in micro[:3]:
+        _step(conv, cbn, x.clone())
+    out = cbn(conv(micro[3].clone().requires_grad_()))
+    with torch.no_grad():
+        y_all = conv(torch.cat(micro))
+        y_last = conv(micro[3])
+        mean = y_all.mean((0, 2, 3)).view(1, -1, 1, 1)
+        std = y_all.var((0, 2, 3), unbiased=False).sqrt().view(1, -1, 1, 1)
+        expected = (y_last - mean) / (std + cbn.eps) * cbn.weight.view(1, -1, 1, 1) + cbn.bias.view(1, -1, 1, 1)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_burnin_boundary_and_window_fill():
+    conv, cbn = _bound(buffer_num=2, burnin=3)
+    for it in range(1, 7):
+        _step(conv, cbn, torch.randn(2, 3, 5, 5, dtype=DT))
+        assert int(cbn.iter_count) == it
+        # nothing enters the window during burn-in (forwards 1..3); then one entry per forward, max 2
+        assert int(cbn.window_filled.sum()) == min(max(it - 3, 0), 2)
+    assert int(cbn.window_head) == (6 - 3) % 2
+
+
+def test_all_entries_invalid_falls_back_to_current_batch():
+    conv, cbn = _bound(buffer_num=2)
+    for _ in range(2):
+        _step(conv, cbn, torch.randn(2, 3, 5, 5, dtype=DT))
+    with torch.no_grad():   # make every stored entry invalid: nu < mu^2
+        cbn.window_mean.fill_(10.0)
+        cbn.window_sq.fill_(1.0)
+    x = torch.randn(2, 3, 5, 5, dtype=DT)
+    with torch.no_grad():
+        conv_out = conv(x)
+    out = cbn(conv(x.clone().requires_grad_()))
+    assert torch.isfinite(out).all()
+    assert int(cbn.num_fallbacks) == 0     # the current entry stays valid: not a fallback
+    mean = conv_out.mean((0, 2, 3)).view(1, -1, 1, 1)
+    std = conv_out.var((0, 2, 3), unbiased=False).sqrt().view(1, -1, 1, 1)
+    expected = (conv_out - mean) / (std + cbn.eps) * cbn.weight.view(1, -1, 1, 1) + cbn.bias.view(1, -1, 1, 1)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_no_valid_entry_at_all_is_guarded():
+    """Official: 0/0 = NaN. Ours: the current batch alone, and the event is counted."""
+    conv, cbn = _bound(cin=2, cout=2, buffer_num=1)
+    _step(conv, cbn, torch.randn(2, 2, 4, 4, dtype=DT))
+    with torch.no_grad():
+        cbn.window_mean.fill_(10.0)
+        cbn.window_sq.fill_(1.0)
+        conv.weight.zero_()     # constant (zero) conv output: nu - mu^2 may round below 0
+    from cbn_mmdet.ops import cross_iter_bn
+    mean_t = torch.zeros(2, dtype=DT)
+    sq_t = torch.full((2,), -1e-30, dtype=DT)   # a current entry that rounds invalid
+    mean, var = cbn._aggregate(mean_t, sq_t, conv.weight.detach())
+    assert torch.isfinite(mean).all() and torch.isfinite(var).all()
+    assert int(cbn.num_fallbacks) == 1
+    torch.testing.assert_close(var, torch.zeros(2, dtype=DT))
+    assert cross_iter_bn is not None
+
+
+def test_empty_batch():
+    conv, cbn = _bound(buffer_num=2)
+    for _ in range(2):
+        _step(conv, cbn, torch.randn(2, 3, 5, 5, dtype=DT))
+    state = {k: v.clone() for k, v in cbn.state_dict().items()}
+    out = cbn(conv(torch.randn(0, 3, 5, 5, dtype=DT, requires_grad=True)))
+    assert out.shape == (0, 4, 5, 5)
+    out.sum().backward()
+    for key in ('running_mean', 'running_var', 'window_mean', 'window_filled', 'window_head'):
+        assert torch.equal(state[key], cbn.state_dict()[key]), key
+    cbn.eval()
+    assert cbn(torch.zeros(0, 4, 3, 3, dtype=DT)).shape == (0, 4, 3, 3)
+
+
+def test_eval_is_bn_with_running_stats_and_eps_on_std():
+    conv, cbn = _bound(buffer_num=2)
+    for _ in range(3):
+        _step(conv, cbn, torch.randn(2, 3, 5, 5, dtype=DT))
+    cbn.eval()
+    y = torch.randn(2, 4, 3, 3, dtype=DT)
+    rm, rv = cbn.running_mean.view(1, -1, 1, 1), cbn.running_var.view(1, -1, 1, 1)
+    expected = (y - rm) / (rv.sqrt() + cbn.eps) * cbn.weight.view(1, -1, 1, 1) + cbn.bias.view(1, -1, 1, 1)
+    torch.testing.assert_close(cbn(y), expected)
+    # with eps inside the sqrt, eval is exactly torch's BN
+    bn_like = CrossIterationBatchNorm2d(4, eps_inside_sqrt=True).to(DT).eval()
+    torch_bn = nn.BatchNorm2d(4).to(DT).eval()
+    torch_bn.load_state_dict({k: v for k, v in cbn.state_dict().items() if k in torch_bn.state_dict()})
+    with pytest.warns(UserWarning, match='BN checkpoint'):
+        bn_like.load_state_dict(torch_bn.state_dict())
+    torch.testing.assert_close(bn_like(y), torch_bn(y))
+
+
+def test_bn_compatible_options_equal_torch_bn_in_training():
+    torch.manual_seed(0)
+    cbn = CrossIterationBatchNorm2d(4, eps_inside_sqrt=True, unbiased_plain_var=False).to(DT)
+    bn = nn.BatchNorm2d(4).to(DT)
+    x = torch.randn(3, 4, 5, 5, dtype=DT)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    g = torch.randn_like(x)
+    (cbn(x1) * g).sum().backward()
+    (bn(x2) * g).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
+    torch.testing.assert_close(cbn.running_var, bn.running_var)
+
+
+def test_resume_mid_window_equals_uninterrupted():
+    def make():
+        return _bound(buffer_num=3, burnin=2)
+
+    xs = [torch.randn(2, 3, 5, 5, dtype=DT, generator=torch.Generator().manual_seed(i)) for i in range(9)]
+    conv_a, cbn_a = make()
+    outs_a = []
+    for x in xs:
+        outs_a.append(_step(conv_a, cbn_a, x.clone()).detach())
+        with torch.no_grad():
+            conv_a.weight -= 0.1 * conv_a.weight.grad
+            conv_a.weight.grad = None
+    conv_b, cbn_b = make()
+    for x in xs[:5]:
+        _step(conv_b, cbn_b, x.clone())
+        with torch.no_grad():
+            conv_b.weight -= 0.1 * conv_b.weight.grad
+            conv_b.weight.grad = None
+    saved = {'conv': copy.deepcopy(conv_b.state_dict()), 'cbn': copy.deepcopy(cbn_b.state_dict())}
+    conv_c, cbn_c = _pair(cout=4, buffer_num=3, burnin=2, seed=123)   # fresh, other init, unbound
+    conv_c.load_state_dict(saved['conv'])
+    cbn_c.load_state_dict(saved['cbn'])
+    bind_cbn_to_conv(cbn_c, conv_c)
+    for i, x in enumerate(xs[5:], start=5):
+        out = _step(conv_c, cbn_c, x.clone())
+        assert torch.equal(out.detach(), outs_a[i]), f'iteration {i} differs after resume'
+        with torch.no_grad():
+            conv_c.weight -= 0.1 * conv_c.weight.grad
+            conv_c.weight.grad = None
+
+
+def test_bn_checkpoint_loads_with_documented_policy():
+    bn = nn.BatchNorm2d(4)
+    bn.running_mean.fill_(0.5)
+    cbn = CrossIterationBatchNorm2d(4, buffer_num=2)
+    with pytest.warns(UserWarning, match='window starts empty'):
+        result = cbn.load_state_dict(bn.state_dict(), strict=True)
+    assert not result.missing_keys
+    assert torch.equal(cbn.running_mean, bn.running_mean)
+    assert int(cbn.window_filled.sum()) == 0 and int(cbn.iter_count) == 0
+
+
+def test_partial_cbn_state_is_reported_missing():
+    cbn = CrossIterationBatchNorm2d(4, buffer_num=2)
+    state = cbn.state_dict()
+    del state['window_mean']
+    with pytest.raises(RuntimeError, match='window_mean'):
+        CrossIterationBatchNorm2d(4, buffer_num=2).load_state_dict(state)
+
+
+def test_autocast_statistics_in_fp32():
+    conv, cbn = _pair(buffer_num=2)
+    conv, cbn = conv.float(), cbn.float()
+    bind_cbn_to_conv(cbn, conv)
+    for _ in range(3):
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out = cbn(conv(torch.randn(2, 3, 6, 6, requires_grad=True)))
+        assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+        out.float().sum().backward()
+    assert cbn.window_mean.dtype == torch.float32 and cbn.window_weight.dtype == torch.float32
+    assert torch.isfinite(cbn.window_sq_grad).all()
+
+
+def test_deepcopy_rebinds_to_the_copied_conv():
+    parent = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), CrossIterationBatchNorm2d(4, buffer_num=2))
+    bind_cbn_convs(parent)
+    clone = copy.deepcopy(parent)
+    assert clone[1].bound_conv is clone[0]
+    clone(torch.randn(2, 3, 5, 5, requires_grad=True)).sum().backward()
+    assert int(clone[1].window_filled.sum()) == 1 and int(parent[1].window_filled.sum()) == 0
+
+
+def test_auto_binding_at_first_forward_of_parent():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), CrossIterationBatchNorm2d(4, buffer_num=2),
+                          nn.ReLU())
+    assert not model[1].is_bound
+    model(torch.randn(2, 3, 5, 5, requires_grad=True)).sum().backward()
+    assert model[1].bound_conv is model[0]
+
+
+def test_unbindable_layer_raises_naming_it():
+    model = nn.Sequential(nn.ReLU(), CrossIterationBatchNorm2d(3, buffer_num=2))
+    with pytest.raises(CBNBindError, match="CBN layer '1'"):
+        model(torch.randn(2, 3, 5, 5, requires_grad=True))
+    with pytest.raises(CBNBindError, match="'1' cannot identify its conv"):
+        bind_cbn_convs(model)
+
+
+def test_standalone_layer_without_conv_raises():
+    cbn = CrossIterationBatchNorm2d(3, buffer_num=2)
+    with pytest.raises(CBNBindError, match='no conv'):
+        cbn(torch.randn(2, 3, 4, 4, requires_grad=True))
+    assert CrossIterationBatchNorm2d(3)(torch.randn(2, 3, 4, 4)).shape == (2, 3, 4, 4)   # buffer_num=0: plain
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(buffer_num=-1), 'buffer_num must be >= 0, got -1'),
+    (dict(buffer_num=1.5), 'buffer_num must be an int'),
+    (dict(burnin=-2), 'burnin must be >= 0, got -2'),
+    (dict(rho=float('nan')), 'rho must be finite'),
+    (dict(rho=float('inf')), 'rho must be finite'),
+    (dict(momentum=1.5), r'momentum must be in \[0, 1\], got 1.5'),
+    (dict(momentum=-0.1), r'momentum must be in \[0, 1\]'),
+    (dict(eps=-1.0), 'eps must be >= 0'),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        CrossIterationBatchNorm2d(4, **kwargs)
+
+
+def test_bad_input_rank_and_conv():
+    with pytest.raises(ValueError, match='expected 4D input'):
+        CrossIterationBatchNorm2d(4)(torch.randn(2, 4))
+    with pytest.raises(CBNBindError, match='out_channels=5 != num_features=4'):
+        bind_cbn_to_conv(CrossIterationBatchNorm2d(4, buffer_num=1), nn.Conv2d(3, 5, 1))
+    with pytest.raises(CBNBindError, match='expected an nn.Conv2d'):
+        bind_cbn_to_conv(CrossIterationBatchNorm2d(4, buffer_num=1), nn.Linear(3, 4))

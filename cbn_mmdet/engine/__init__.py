@@ -1,0 +1,4 @@
+"""mmengine hooks for cbn_mmdet (registered in the root HOOKS registry on import)."""
+from .hooks import CBNBurnInHook
+
+__all__ = ['CBNBurnInHook']

@@ -1,0 +1,3 @@
+from .cbn_burnin_hook import CBNBurnInHook
+
+__all__ = ['CBNBurnInHook']

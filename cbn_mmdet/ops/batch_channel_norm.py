@@ -1,0 +1,187 @@
+"""Batch-Channel Normalization (BCN).
+
+Qiao, Wang, Liu, Shen, Yuille, "Micro-Batch Training with Batch-Channel Normalization and Weight
+Standardization", arXiv 1903.10520. BCN is batch normalization per channel followed by group
+(channel) normalization, then an affine; it is meant to follow a weight-standardized conv
+(:class:`~cbn_mmdet.ops.weight_std_conv.WeightStandardizedConv2d`).
+
+BibTeX::
+
+    @article{qiao2019ws,
+      title={Micro-Batch Training with Batch-Channel Normalization and Weight Standardization},
+      author={Qiao, Siyuan and Wang, Huiyu and Liu, Chenxi and Shen, Wei and Yuille, Alan},
+      journal={arXiv preprint arXiv:1903.10520}, year={2019}}
+"""
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ._validate import check_divides, check_eps, check_input_dim, check_positive_int, check_unit_interval
+
+__all__ = ['BatchChannelNorm2d']
+
+
+def _autocast_off(device_type):
+    """Autocast must not re-cast the statistics ops to half precision: disable it where it exists."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _compute_dtype(dtype):
+    """float32 for half/bfloat16 inputs (statistics lose too much in 8-10 mantissa bits), else as is."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class BatchChannelNorm2d(_BatchNorm):
+    r"""Batch-Channel Normalization over a 4D input.
+
+    .. math::
+        \hat x = \mathrm{BN}(x) = \frac{x - \mu_c}{\sqrt{\sigma_c^2 + \epsilon}}, \qquad
+        y = \gamma_c \cdot \mathrm{GN}_G(\hat x) + \beta_c
+
+    where ``BN`` is batch normalization *without* affine (batch statistics in training, running
+    statistics in eval; running statistics updated exactly as ``torch.nn.BatchNorm2d``: the biased
+    variance normalises, the unbiased one enters ``running_var``), ``GN_G`` is group normalization
+    over ``num_groups`` groups without affine (same ``eps``), and ``gamma``/``beta`` are
+    per-channel (``weight``/``bias`` of shape ``(C,)``).
+
+    ``estimate_stats=True`` is the paper's micro-batch mode: in training the running statistics are
+    first updated with the current batch statistics (``momentum``), then the input is normalised
+    with the *updated* running statistics, treated as constants (no gradient flows through them).
+    We chose "update, then use" so that the current batch contributes (weight ``momentum``) to the
+    statistic it is normalised with, and "constants" because the estimate is meant to replace
+    the noisy micro-batch statistics, whose gradient the estimate does not have.
+
+    The released classification code differs in where the affines sit: it uses
+    ``nn.BatchNorm2d(C)`` (with its own per-channel affine), then group normalization without
+    affine, then a per-*group* affine (``(1, G, 1)`` parameters). We keep a single per-channel
+    affine at the end instead, so a BN checkpoint's ``weight``, ``bias``, ``running_mean``,
+    ``running_var`` and ``num_batches_tracked`` load unchanged (same keys, same shapes), and
+    BN-aware tooling (``norm_eval``, ``init_cfg`` with ``layer='_BatchNorm'``, weight-decay rules)
+    treats the layer as a BN. At initialisation (identity affines) both variants compute the same
+    function; the released one can additionally learn a per-channel scale *before* the group
+    normalisation, which ours cannot.
+
+    A conv+BN fold (mmcv's ``fuse_conv_bn``) is wrong for this layer (the group normalisation is
+    not a fixed affine map in eval): exclude it from folding.
+
+    Args:
+        num_features (int): number of channels ``C``.
+        eps (float): added to the variances of both normalisations. Default: 1e-5.
+        momentum (float | None): running-statistics momentum (torch convention: weight of the new
+            value); ``None`` for a cumulative average. Default: 0.1.
+        affine (bool): learn the per-channel ``weight``/``bias``. Default: True.
+        track_running_stats (bool): keep running statistics (else batch statistics are used in
+            eval as well). Default: True.
+        num_groups (int, keyword-only): groups of the channel normalization; must divide
+            ``num_features``. Default: 32.
+        estimate_stats (bool, keyword-only): normalise with the updated running statistics in
+            training (micro-batch mode); needs ``track_running_stats=True``. Default: False.
+
+    Shape:
+        - Input: ``(N, C, H, W)``; an empty input (``N = 0``) gives an empty output and leaves the
+          running statistics untouched.
+        - Output: same shape and dtype as the input (statistics in float32 for half inputs).
+
+    Example:
+        >>> norm = BatchChannelNorm2d(64, num_groups=32)
+        >>> norm(torch.randn(2, 64, 7, 7)).shape
+        torch.Size([2, 64, 7, 7])
+    """
+
+    _abbr_ = 'bcn'
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, *,
+                 num_groups=32, estimate_stats=False):
+        owner = type(self).__name__
+        num_features = check_positive_int('num_features', num_features, owner)
+        eps = check_eps(eps, owner)
+        momentum = check_unit_interval('momentum', momentum, owner, allow_none=True)
+        num_groups = check_positive_int('num_groups', num_groups, owner)
+        check_divides('num_groups', num_groups, 'num_features', num_features, owner)
+        if not isinstance(estimate_stats, bool):
+            raise TypeError(f'{owner}: estimate_stats must be a bool, got {estimate_stats!r} '
+                            f'({type(estimate_stats).__name__})')
+        if estimate_stats and not track_running_stats:
+            raise ValueError(f'{owner}: estimate_stats=True needs track_running_stats=True, got '
+                             f'track_running_stats={track_running_stats!r}')
+        super().__init__(num_features, eps, momentum, affine, track_running_stats)
+        self.num_groups = num_groups
+        self.estimate_stats = estimate_stats
+
+    def _check_input_dim(self, input):
+        check_input_dim(input, (4,), type(self).__name__)
+
+    def extra_repr(self):
+        return f'{super().extra_repr()}, num_groups={self.num_groups}, estimate_stats={self.estimate_stats}'
+
+    def forward(self, input):
+        self._check_input_dim(input)
+        if input.numel() == 0:
+            return self._empty_output(input)
+        uses_batch_stats = self.training or self.running_mean is None
+        if uses_batch_stats and input.numel() // input.size(1) <= 1:
+            raise ValueError(f'{type(self).__name__}: expected more than 1 value per channel when '
+                             f'using batch statistics, got input of shape {tuple(input.shape)}')
+        with _autocast_off(input.device.type):
+            x = input.to(_compute_dtype(input.dtype))
+            factor = self._momentum_factor()
+            if self.training and self.estimate_stats:
+                x = self._normalize_with_estimated_stats(x, factor)
+            else:
+                x = self._batch_normalize(x, uses_batch_stats, factor)
+            # F.group_norm's weight/bias are per channel: the final affine comes with it for free.
+            out = F.group_norm(x, self.num_groups, self._as(self.weight, x.dtype),
+                               self._as(self.bias, x.dtype), self.eps)
+        return out.to(input.dtype)
+
+    @staticmethod
+    def _as(tensor, dtype):
+        return None if tensor is None else tensor.to(dtype)
+
+    def _empty_output(self, input):
+        # Routed through weight/bias so they still get (zero) gradients: DDP without
+        # find_unused_parameters expects every parameter to take part.
+        if self.weight is None:
+            return input.clone()
+        shape = (1, -1, 1, 1)
+        return input * self.weight.to(input.dtype).view(shape) + self.bias.to(input.dtype).view(shape)
+
+    def _momentum_factor(self):
+        """The running-statistics factor of this forward (as torch's ``_BatchNorm``)."""
+        if not (self.training and self.track_running_stats):
+            return 0.0  # unused: running statistics are not updated
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:
+            return 1.0 / float(self.num_batches_tracked)
+        return self.momentum
+
+    def _stats_in(self, dtype):
+        """Running statistics in the compute dtype (copies only when the buffers differ)."""
+        if self.running_mean is None:
+            return None, None
+        return self.running_mean.to(dtype), self.running_var.to(dtype)
+
+    def _batch_normalize(self, x, uses_batch_stats, factor):
+        mean, var = self._stats_in(x.dtype)
+        out = F.batch_norm(x, mean, var, None, None, uses_batch_stats, factor, self.eps)
+        if mean is not None and mean is not self.running_mean:
+            # F.batch_norm updated the fp32 working copies in place; write them back.
+            with torch.no_grad():
+                self.running_mean.copy_(mean)
+                self.running_var.copy_(var)
+        return out
+
+    def _normalize_with_estimated_stats(self, x, factor):
+        with torch.no_grad():
+            var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=1)
+            self.running_mean.mul_(1.0 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
+            self.running_var.mul_(1.0 - factor).add_(var.to(self.running_var.dtype), alpha=factor)
+        # Copies: a later forward updates the buffers in place, and this step's backward must
+        # still see this step's values (autograd would otherwise fail its version check).
+        mean = self.running_mean.to(x.dtype, copy=True)
+        var = self.running_var.to(x.dtype, copy=True)
+        return F.batch_norm(x, mean, var, None, None, False, 0.0, self.eps)
