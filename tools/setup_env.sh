@@ -30,7 +30,10 @@ if [[ ! -x "$VENV/bin/python" ]]; then
   log "creating virtual environment $VENV"
   "$PYTHON" -m venv "$VENV"
 fi
-PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+PIP_BIN=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+# pip warns about every empty local index directory configured on these machines: keep the log readable.
+pip_quiet() { "${PIP_BIN[@]}" "$@" 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' || true; }; }
+PIP=(pip_quiet)
 
 log "installing torch $TORCH_VERSION (CPU), mmengine $MMENGINE_VERSION and build tools"
 "${PIP[@]}" install "torch==$TORCH_VERSION" "setuptools<82" wheel ninja psutil \

@@ -25,7 +25,9 @@ __all__ = ['BatchChannelNorm2d']
 
 def _autocast_off(device_type):
     """Autocast must not re-cast the statistics ops to half precision: disable it where it exists."""
-    if torch.amp.is_autocast_available(device_type):
+    is_available = getattr(torch.amp, 'is_autocast_available', None)  # torch >= 2.4
+    available = is_available(device_type) if is_available is not None else device_type in ('cpu', 'cuda')
+    if available:
         return torch.autocast(device_type=device_type, enabled=False)
     return contextlib.nullcontext()
 
@@ -92,7 +94,7 @@ class BatchChannelNorm2d(_BatchNorm):
         torch.Size([2, 64, 7, 7])
     """
 
-    _abbr_ = 'bcn'
+    _abbr_ = 'bn'
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, *,
                  num_groups=32, estimate_stats=False):

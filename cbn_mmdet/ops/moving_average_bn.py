@@ -29,8 +29,11 @@ Backward (its own rule, NOT the gradient of the forward once the SMA is in use):
     gz_stat = gz if warm-up else mean(buffer_gz, rows)
     grad_x = (g - z * gz_stat) / sqrt(var + eps);  grad_gamma = sum(grad_y * r * z);  grad_beta = sum(grad_y)
 
-During warm-up (and with ``K = 1`` while ``r`` is forced to 1) this rule *is* the exact gradient
-of the forward; ``r`` is always treated as a constant (as in batch renormalization).
+``r`` is always treated as a constant (as in batch renormalization). While ``r`` is forced to 1
+and the current statistics are used (warm-up, or any step with ``K = 1``) the rule *is* the exact
+gradient of the forward. With the moving averages the exact gradient would be
+``(g - z * gz / K) / sqrt(var + eps)`` (past rows are constants); MABN instead substitutes the past
+``gz`` rows for the missing terms.
 
 Eval: ``y = gamma * x / sqrt(running_var + eps) + beta``.
 
@@ -60,7 +63,9 @@ R_CLIP = (1.0 / 5.0, 5.0)
 
 def _autocast_off(device_type):
     """Autocast must not re-cast the statistics ops to half precision: disable it where it exists."""
-    if torch.amp.is_autocast_available(device_type):
+    is_available = getattr(torch.amp, 'is_autocast_available', None)  # torch >= 2.4
+    available = is_available(device_type) if is_available is not None else device_type in ('cpu', 'cuda')
+    if available:
         return torch.autocast(device_type=device_type, enabled=False)
     return contextlib.nullcontext()
 

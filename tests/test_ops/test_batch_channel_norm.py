@@ -115,7 +115,7 @@ def test_is_a_batchnorm():
     norm = BatchChannelNorm2d(C, num_groups=G)
     assert isinstance(norm, _BatchNorm)
     assert type(norm).__mro__[1] is _BatchNorm  # direct subclass: mmengine's init_cfg layer='_BatchNorm'
-    assert BatchChannelNorm2d._abbr_ == 'bcn'
+    assert BatchChannelNorm2d._abbr_ == 'bn'   # module named bn*: BN checkpoints load
     assert norm.num_groups == G and 'num_groups=4' in repr(norm)
 
 

@@ -144,7 +144,9 @@ def test_r_forced_to_one_then_clipped():
     # to the batch second moment (r inside the clip range).
     set_state(layer, oracle, iters=998, running_var=[1e-4, 1e4, 0.9])
     for _ in range(4):  # iterations 999, 1000 (r = 1), then 1001, 1002 (clipped)
-        x, out = step_and_compare(layer, oracle)
+        step_and_compare(layer, oracle)
+        t, _, per_channel = oracle.saved
+        assert t > 1000 or [entry[2] for entry in per_channel] == [1.0, 1.0, 1.0]
         # Keep the extreme running variances extreme (the update would drift them).
         set_state(layer, oracle, iters=layer.iters.item(), running_var=[1e-4, 1e4, 0.9])
     # The last step really exercised both clip bounds and the free range.
@@ -198,9 +200,11 @@ def test_backward_is_the_true_gradient_when_no_average_is_used(num_rows, iters, 
 
 
 def test_backward_is_not_the_true_gradient_with_the_moving_average():
-    # K=3 with a full buffer: the forward's statistic depends on x through 1/3 of the average,
-    # while the MABN rule uses the averaged backward statistic: intentionally not the gradient.
+    # K=3 with a full buffer: the exact gradient of the averaged forward statistic is
+    # (g - z * gz / K) / std, the MABN rule uses (g - z * mean(buffer_gz)) / std. They coincide only
+    # if the past gz rows are zero, so the past rows are filled here: intentionally not the gradient.
     state = _functional_state(3, 10)
+    state[2].copy_(torch.rand(3, C, dtype=torch.float64) + 0.5)
     x = torch.randn(2, C, 2, 2, dtype=torch.float64, requires_grad=True)
     others = state[1].clone()
     out = moving_average_bn(x, None, None, *state, eps=1e-3, momentum=0.9, warmup_iters=0)
@@ -208,13 +212,21 @@ def test_backward_is_not_the_true_gradient_with_the_moving_average():
     (ours,) = torch.autograd.grad(out, x, grad)
 
     x_ref = x.detach().clone().requires_grad_(True)
-    rows = [others[0], others[1], x_ref.square().mean(dim=(0, 2, 3))]  # row 10 % 3 = 1 is overwritten
-    rows[10 % 3] = rows.pop()
+    rows = list(others)
+    rows[10 % 3] = x_ref.square().mean(dim=(0, 2, 3))  # this step's row; the other two are constants
     var = torch.stack(rows).mean(0)
     exact = x_ref / torch.sqrt(var.view(1, C, 1, 1) + 1e-3)
     torch.testing.assert_close(exact, out)  # same forward ...
     (true_grad,) = torch.autograd.grad(exact, x_ref, grad)
     assert not torch.allclose(ours, true_grad, atol=1e-6)  # ... different backward
+
+    # The two closed forms named above.
+    std = torch.sqrt(var.detach() + 1e-3).view(1, C, 1, 1)
+    z = x.detach() / std
+    gz = (grad * z).mean(dim=(0, 2, 3))
+    torch.testing.assert_close(state[2][10 % 3], gz)
+    torch.testing.assert_close(ours, (grad - z * state[2].mean(0).view(1, C, 1, 1)) / std)
+    torch.testing.assert_close(true_grad, (grad - z * (gz / 3).view(1, C, 1, 1)) / std)
 
 
 def test_function_is_exported_and_writes_gz_in_backward():
