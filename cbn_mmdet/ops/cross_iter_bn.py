@@ -262,8 +262,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self.iter_count.add_(1)     # every training forward, like the official counter
         self._iter_shadow += 1
         conv_input, self._conv_input = self._conv_input, None
-        if x.shape[0] == 0 and not self.sync:
-            return self._empty_output(x)
+        if x.shape[0] == 0 and not self._synced():
+            return self._empty_output(x)   # a synced rank must still join the collectives
         if not self._use_window(x):
             return self._plain_forward(x, update=True)
         return self._window_forward(x, weight, conv_input)
@@ -280,12 +280,17 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         return out.to(x.dtype)
 
     # Statistics ---------------------------------------------------------------
+    def _synced(self):
+        return self.sync and get_world_size(self.process_group) > 1
+
     def _batch_moments(self, x):
         """Current mean, biased variance and element count (global ones under ``sync``)."""
         count = x.shape[0] * x.shape[2] * x.shape[3]
-        if self.sync and get_world_size(self.process_group) > 1:
-            mean = x.mean((0, 2, 3)) if count else x.new_zeros(x.shape[1])
-            sq = (x * x).mean((0, 2, 3)) if count else x.new_zeros(x.shape[1])
+        if self._synced():
+            # Sums over max(count, 1) rather than means: an empty rank's zeros stay in the graph, so
+            # its backward joins the gradient all-reduce like every other rank's.
+            mean = x.sum((0, 2, 3)) / max(count, 1)
+            sq = (x * x).sum((0, 2, 3)) / max(count, 1)
             (mean, sq), total = sync_weighted_mean((mean, sq), count, group=self.process_group)
             return mean, sq - mean * mean, total
         var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
@@ -296,7 +301,13 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             return
         with torch.no_grad():
             factor = self._momentum_factor()
-            unbiased = biased_var * (count / (count - 1))
+            if isinstance(count, torch.Tensor):
+                # Global count of a synced batch (a tensor: no host sync). An empty global batch
+                # leaves the statistics untouched; a single value gives a zero variance.
+                factor = (count > 0).to(mean.dtype) * factor
+                unbiased = biased_var * (count / (count - 1).clamp_min(1))
+            else:
+                unbiased = biased_var * (count / (count - 1))
             self.running_mean.mul_(1 - factor).add_(factor * mean.to(self.running_mean.dtype))
             self.running_var.mul_(1 - factor).add_(factor * unbiased.to(self.running_var.dtype))
 
@@ -313,9 +324,14 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             self._check_count(count)
             if update:
                 self._update_running_stats(mean.detach(), var.detach(), count)
-            if x.shape[0] == 0:
+            if x.shape[0] == 0 and not self._synced():
                 return self._empty_output(x)
-            norm_var = var * (count / (count - 1)) if self.unbiased_plain_var else var
+            # (a synced empty rank normalises its empty input so that its backward still joins the
+            # all-reduce of the statistics' gradients)
+            if self.unbiased_plain_var:
+                norm_var = var * (count / ((count - 1).clamp_min(1) if torch.is_tensor(count) else count - 1))
+            else:
+                norm_var = var
             out = self._normalise(xs, mean, norm_var)
         return out.to(x.dtype)
 
@@ -327,14 +343,17 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             self._check_count(count)
             sq_t = var_t + mean_t * mean_t
             weight_t, mean_grad, sq_grad, groups = self._statistic_grads(xs, weight, conv_input, mean_t, sq_t)
-            if self.sync and get_world_size(self.process_group) > 1:
+            if self._synced():
                 (mean_grad, sq_grad), _ = sync_weighted_mean(
                     (mean_grad, sq_grad), x.shape[0] * x.shape[2] * x.shape[3], group=self.process_group)
             mean, var = self._aggregate(mean_t, sq_t, weight_t.to(dtype))
             self._update_running_stats(mean_t.detach(), var_t.detach(), count)
-            self._push(weight_t, mean_t.detach(), sq_t.detach(), mean_grad, sq_grad, groups)
-            if x.shape[0] == 0:
+            self._push(weight_t, mean_t.detach(), sq_t.detach(), mean_grad, sq_grad, groups,
+                       valid=(count > 0) if isinstance(count, torch.Tensor) else None)
+            if x.shape[0] == 0 and not self._synced():
                 return self._empty_output(x)
+            # (a synced empty rank normalises its empty input so that its backward still joins the
+            # all-reduce of the statistics' gradients)
             out = self._normalise(xs, mean, var)
         return out.to(x.dtype)
 
@@ -407,8 +426,12 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         return self.window_mean.to(dtype) + self.rho * d_mean, self.window_sq.to(dtype) + self.rho * d_sq
 
     @torch.no_grad()
-    def _push(self, weight_t, mean_t, sq_t, mean_grad, sq_grad, groups):
-        """Write the current entry over the oldest slot (a ring: order is irrelevant to a mean)."""
+    def _push(self, weight_t, mean_t, sq_t, mean_grad, sq_grad, groups, valid=None):
+        """Write the current entry over the oldest slot (a ring: order is irrelevant to a mean).
+
+        ``valid`` (a bool tensor) marks a synced step whose global batch was empty: its slot is
+        written but flagged unfilled, without reading the flag on the host.
+        """
         self._materialise(weight_t.shape, groups, mean_grad.shape[-1])
         slot = self.window_head.view(1)
         self.window_weight.index_copy_(0, slot, weight_t.unsqueeze(0).to(self.window_weight.dtype))
@@ -416,7 +439,10 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self.window_sq_grad.index_copy_(0, slot, sq_grad.unsqueeze(0).to(self.window_sq_grad.dtype))
         self.window_mean.index_copy_(0, slot, mean_t.unsqueeze(0).to(self.window_mean.dtype))
         self.window_sq.index_copy_(0, slot, sq_t.unsqueeze(0).to(self.window_sq.dtype))
-        self.window_filled.index_fill_(0, slot, True)
+        if valid is None:
+            self.window_filled.index_fill_(0, slot, True)
+        else:
+            self.window_filled.index_copy_(0, slot, valid.view(1).to(torch.bool))
         self.window_head.copy_((self.window_head + 1) % self.buffer_num)
 
     def _materialise(self, weight_shape, groups, patch_len):

@@ -1,0 +1,22 @@
+# BCN + WS (Qiao et al., arXiv 1903.10520): weight-standardized convs (`WSConv`) followed by
+# Batch-Channel Normalization, i.e. per-channel batch normalization then group normalization over 32
+# groups, then the affine. Used in the backbone, the FPN and the RoI heads.
+#
+# estimate_stats=True is the paper's micro-batch mode: the batch-norm part normalises with running
+# statistics that are updated from every batch, instead of the noisy statistics of 4 images. It only
+# acts in training mode, so leaves using this file also set the backbone's norm_eval=False (mmdet's
+# norm_eval=True would freeze every _BatchNorm subclass, BCN included, in eval mode for the whole run).
+conv_cfg = dict(type='WSConv')
+norm_cfg = dict(type='BCN', num_groups=32, estimate_stats=True, requires_grad=True)
+
+# The backbone MUST start from ImageNet weights trained with BCN + WS. The BCN authors released them
+# (joe-siyuan-qiao/Batch-Channel-Normalization, imagenet/README.md):
+#   https://cs.jhu.edu/~syqiao/BatchChannelNormalization/rn50_bcn_ws.pth
+#   https://cs.jhu.edu/~syqiao/BatchChannelNormalization/rn101_bcn_ws.pth
+# Their parameter names and the layout of the BCN parameters differ from mmdet's ResNet with our BCN
+# (`bn1.pbn.*` + a per-group affine vs `bcn1.*` + a per-channel affine), so they must be converted
+# first; docs/reproduce_coco.md ("Pretrained backbones") gives the key mapping. The paths below are
+# where the converted files are expected. Without such weights, see gn_ws.py: a BN-pretrained
+# backbone with WS convs diverges or underperforms; from scratch needs a much longer schedule.
+bcn_ws_pretrained_r50 = 'checkpoints/resnet50_bcn_ws_mmdet.pth'
+bcn_ws_pretrained_r101 = 'checkpoints/resnet101_bcn_ws_mmdet.pth'
