@@ -1,0 +1,10 @@
+# CBN paper, Mask R-CNN R-50-FPN, norm CBN buffer3/burnin8 (box AP 38.4, mask AP 34.7).
+# The norm (configs/_base_/norms/cbn_buffer3_burnin8.py) goes into the FPN (lateral + output convs), the
+# 4conv1fc box head and the 4conv mask head; the backbone keeps its frozen BN.
+_base_ = ['../_base_/mask_rcnn_r50_fpn_4conv1fc_4conv_1x_coco.py', '../_base_/norms/cbn_buffer3_burnin8.py']
+
+model = dict(
+    neck=dict(norm_cfg=_base_.norm_cfg),
+    roi_head=dict(
+        bbox_head=dict(norm_cfg=_base_.norm_cfg),
+        mask_head=dict(norm_cfg=_base_.norm_cfg)))
