@@ -9,7 +9,7 @@ Order of work (nothing is written before step 4)::
        checkpoints trusted for loading (torch>=2.6 weights_only)
 """
 import argparse
-import logging
+import os.path as osp
 
 from mmengine.config import DictAction
 
@@ -64,7 +64,6 @@ def prepare_train_config(args, log=print):
     ensure_config_data(cfg, logger=log)
     validate_config(cfg, 'train', world_size=launcher_world_size(args.launcher), logger=log)
     if args.resume not in (None, 'auto'):
-        import os.path as osp
         if not osp.isfile(osp.expanduser(args.resume)):
             raise ConfigError(f'--resume {args.resume!r}: no such checkpoint file')
     return cfg
@@ -79,10 +78,14 @@ def train(cfg):
     return runner
 
 
+def _log(message):
+    print(f'[cbn_mmdet] {message}', flush=True)
+
+
 def main(argv=None):
     args = parse_train_args(argv)
     try:
-        cfg = prepare_train_config(args, log=lambda msg: logging.getLogger('cbn_mmdet').warning(msg) or print(msg))
+        cfg = prepare_train_config(args, log=_log)
     except ConfigError as err:
         raise SystemExit(f'tools/train.py: config error: {err}') from None
     train(cfg)
