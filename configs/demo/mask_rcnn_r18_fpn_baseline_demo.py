@@ -1,0 +1,92 @@
+# Demo, norm '-': the CBN paper's Mask R-CNN FPN (4conv1fc box head + 4conv mask head, no norm in the
+# FPN or the heads; configs/cbn/mask_rcnn_r50_fpn_baseline_1x.py) shrunk so that it trains in about a
+# minute on 2 CPU cores, on the synthetic shapes dataset (cbn_mmdet/datasets/synthetic_coco.py, 3
+# classes, 128x128 images, generated into data/synthetic_coco/ by tools/train.py on first use).
+#
+# What differs from the paper setting, and why:
+# - ResNet-18 from random init (no pretrained weights offline): init_cfg=None, and the backbone's BN is
+#   trained (frozen_stages=-1, norm_eval=False) instead of frozen ImageNet BN. Same in every variant.
+# - 64 FPN/RoI-head channels, 128x128 images, anchors of scale 4 (objects are 18-52 px), 64 sampled
+#   RoIs per image, fewer proposals: the RoI heads dominate the cost on a CPU.
+# - A short schedule (max_epochs below) with the paper's SGD/momentum/clipping, linear warm-up and
+#   x0.1 steps at 8/12 and 11/12 of it; batch 2 on one process.
+_base_ = '../cbn/mask_rcnn_r50_fpn_baseline_1x.py'
+
+data_root = 'data/synthetic_coco/'
+# tools/train.py (cbn_mmdet.apis.common.ensure_config_data) generates this dataset if it is missing.
+synthetic_data = dict(out_dir=data_root, seed=0, num_train=160, num_val=40, image_size=128)
+metainfo = dict(classes=('rectangle', 'ellipse', 'triangle'),
+                palette=[(220, 20, 60), (0, 128, 255), (60, 180, 75)])
+image_scale = (128, 128)
+channels = 64
+max_epochs = 6
+global_batch_size = 2
+
+model = dict(
+    backbone=dict(depth=18, frozen_stages=-1, norm_eval=False, init_cfg=None),
+    neck=dict(in_channels=[64, 128, 256, 512], out_channels=channels),
+    rpn_head=dict(in_channels=channels, feat_channels=channels, anchor_generator=dict(scales=[4])),
+    roi_head=dict(
+        bbox_roi_extractor=dict(out_channels=channels),
+        bbox_head=dict(in_channels=channels, conv_out_channels=channels, fc_out_channels=256,
+                       num_classes=3),
+        mask_roi_extractor=dict(out_channels=channels),
+        mask_head=dict(in_channels=channels, conv_out_channels=channels, num_classes=3)),
+    train_cfg=dict(
+        rpn_proposal=dict(nms_pre=500, max_per_img=200),
+        rcnn=dict(sampler=dict(num=64))),
+    test_cfg=dict(
+        rpn=dict(nms_pre=300, max_per_img=100),
+        rcnn=dict(max_per_img=20)))
+
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(type='Resize', scale=image_scale, keep_ratio=True),
+    dict(type='RandomFlip', prob=0.5),
+    dict(type='PackDetInputs'),
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=image_scale, keep_ratio=True),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(type='PackDetInputs',
+         meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
+]
+train_dataloader = dict(
+    batch_size=2,
+    num_workers=0,
+    persistent_workers=False,
+    dataset=dict(
+        data_root=data_root,
+        metainfo=metainfo,
+        ann_file='annotations/instances_train.json',
+        data_prefix=dict(img='train/'),
+        pipeline=train_pipeline))
+val_dataloader = dict(
+    batch_size=2,
+    num_workers=0,
+    persistent_workers=False,
+    dataset=dict(
+        data_root=data_root,
+        metainfo=metainfo,
+        ann_file='annotations/instances_val.json',
+        data_prefix=dict(img='val/'),
+        pipeline=test_pipeline))
+test_dataloader = val_dataloader
+val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json')
+test_evaluator = val_evaluator
+
+train_cfg = dict(max_epochs=max_epochs, val_interval=max_epochs)
+param_scheduler = [
+    dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=100),
+    dict(type='MultiStepLR', begin=0, end=max_epochs, by_epoch=True,
+         milestones=[round(max_epochs * 8 / 12), round(max_epochs * 11 / 12)], gamma=0.1),
+]
+optim_wrapper = dict(optimizer=dict(lr=0.02))
+auto_scale_lr = dict(base_batch_size=2)
+
+default_hooks = dict(
+    logger=dict(interval=20),
+    checkpoint=dict(interval=1, max_keep_ckpts=1))
+log_processor = dict(window_size=20)

@@ -1,0 +1,377 @@
+"""Every config under configs/ loads, builds, and carries the papers' settings.
+
+The expected values come from a reference table written here from the papers
+(shared/reference/algorithms.md: the CBN detection configs and their table; WS/BCN; MABN) -- not read
+back from the configs -- and are compared field by field with the loaded config and with the model
+it builds (layer classes in the backbone, the FPN and the RoI heads, head structure, frozen BN).
+Models are built on CPU without loading weights and without any forward pass.
+"""
+import copy
+import functools
+from pathlib import Path
+
+import pytest
+import torch.nn as nn
+from mmcv.cnn import ConvModule
+from mmengine import Config
+from mmengine.registry import HOOKS
+from torch.nn.modules.batchnorm import _BatchNorm
+
+import cbn_mmdet  # noqa: F401  (registers the layers and the hook)
+from cbn_mmdet.engine import CBNBurnInHook
+from cbn_mmdet.ops import (BatchChannelNorm2d, CenteredConv2d, CrossIterationBatchNorm2d,
+                           MovingAverageBatchNorm2d, SyncBatchNorm, WeightStandardizedConv2d,
+                           bind_cbn_convs)
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = REPO / 'configs'
+
+# --------------------------------------------------------------------------------------------------
+# Reference table (from the papers, see the module docstring)
+# --------------------------------------------------------------------------------------------------
+# CBN paper, detection: 4 GPUs x 4 images, SGD lr 0.02 / momentum 0.9 / wd 1e-4, 1x = 12 epochs with
+# steps at 8 and 11, linear warm-up 500 iterations from 0.001, gradient clipping max_norm 35.
+ONE_X = dict(max_epochs=12, milestones=[8, 11])
+TWO_X = dict(max_epochs=24, milestones=[16, 22])
+OPTIMIZER = dict(type='SGD', lr=0.02, momentum=0.9, weight_decay=1e-4)
+WARMUP = dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=500)
+CLIP = dict(max_norm=35, norm_type=2)
+TOTAL_BATCH = 16
+
+# Norms of the neck and heads: (norm_cfg type, built class, norm_cfg fields, built-layer attributes).
+NORMS = {
+    'baseline': None,
+    'syncbn': ('SyncBN', SyncBatchNorm, {}, {}),
+    'gn': ('GN', nn.GroupNorm, dict(num_groups=32), dict(num_groups=32)),
+    # buffer3 / burnin8 with the paper's intent: 8 epochs of plain BN through CBNBurnInHook.
+    'cbn_buffer3_burnin8': ('CBN', CrossIterationBatchNorm2d, dict(buffer_num=3, burnin=0),
+                            dict(buffer_num=3, burnin=0, rho=1.0)),
+    # the official code's effective burn-in: 8 training forwards, counted by the layer.
+    'cbn_buffer3_burnin8iter': ('CBN', CrossIterationBatchNorm2d, dict(buffer_num=3, burnin=8),
+                                dict(buffer_num=3, burnin=8, rho=1.0)),
+    'gn_ws': ('GN', nn.GroupNorm, dict(num_groups=32), dict(num_groups=32)),
+    'bcn_ws': ('BCN', BatchChannelNorm2d, dict(num_groups=32, estimate_stats=True),
+               dict(num_groups=32, estimate_stats=True)),
+    # MABN paper / official detection code: 2 images per GPU, MABN2d(B=2, real_B=32).
+    'mabn': ('MABN', MovingAverageBatchNorm2d, dict(B=2, real_B=32), dict(B=2, real_B=32)),
+}
+# Burn-in hook epochs per norm (None: no CBNBurnInHook in custom_hooks).
+BURNIN_EPOCHS = {'cbn_buffer3_burnin8': 8}
+
+
+def _row(folder, detector, depth, norm, **overrides):
+    row = dict(
+        path=f'{folder}/{detector}_rcnn_r{depth}_fpn_{norm}_1x.py',
+        detector=detector, depth=depth, norm=norm,
+        # backbone: ImageNet (torchvision) weights, frozen BN, plain convs
+        backbone_norm=('BN', nn.BatchNorm2d), conv=nn.Conv2d, norm_eval=True, frozen_stages=1,
+        pretrained=f'torchvision://resnet{depth}',
+        schedule=ONE_X, batch_per_gpu=4)
+    row.update(overrides)
+    return row
+
+
+ROWS = []
+# configs/cbn: the CBN paper's 8 rows (R-50), the same at R-101, and the 8-iteration burn-in variant.
+for _det in ('faster', 'mask'):
+    for _depth in (50, 101):
+        for _norm in ('baseline', 'syncbn', 'gn', 'cbn_buffer3_burnin8'):
+            ROWS.append(_row('cbn', _det, _depth, _norm))
+    ROWS.append(_row('cbn', _det, 50, 'cbn_buffer3_burnin8iter'))
+# configs/ws: WS convs + GN / BCN (32 groups) everywhere, from WS-pretrained backbones.
+for _det in ('faster', 'mask'):
+    for _depth in (50, 101):
+        ROWS.append(_row('ws', _det, _depth, 'gn_ws', backbone_norm=('GN', nn.GroupNorm),
+                         conv=WeightStandardizedConv2d, pretrained=f'open-mmlab://jhu/resnet{_depth}_gn_ws'))
+        ROWS.append(_row('ws', _det, _depth, 'bcn_ws', backbone_norm=('BCN', BatchChannelNorm2d),
+                         conv=WeightStandardizedConv2d, norm_eval=False,
+                         pretrained=('bcn_ws', f'resnet{_depth}')))
+# configs/mabn: the MABN paper's Mask R-CNN from scratch, 2x, 8 GPUs x 2 images.
+ROWS.append(dict(_row('mabn', 'mask', 50, 'mabn', backbone_norm=('MABN', MovingAverageBatchNorm2d),
+                      conv=CenteredConv2d, norm_eval=False, frozen_stages=-1, pretrained=None,
+                      schedule=TWO_X, batch_per_gpu=2),
+                 path='mabn/mask_rcnn_r50_fpn_mabn_cenconv_scratch_2x.py'))
+ROWS_BY_PATH = {row['path']: row for row in ROWS}
+IDS = [row['path'] for row in ROWS]
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading and building (cached: every config is loaded and built once per session)
+# --------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _registered():
+    from mmdet.utils import register_all_modules
+    register_all_modules()
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def load(path):
+    return Config.fromfile(str(CONFIGS / path))
+
+
+@functools.lru_cache(maxsize=None)
+def build(path):
+    _registered()
+    from mmdet.registry import MODELS
+    model_cfg = copy.deepcopy(load(path).model)
+    model_cfg.backbone.init_cfg = None    # no download; weights are never loaded here
+    return MODELS.build(model_cfg)
+
+
+def _metrics(evaluator):
+    metric = evaluator['metric']
+    return sorted([metric] if isinstance(metric, str) else metric)
+
+
+def _head_convmodules(model, detector):
+    """{part: [ConvModule]} for the neck and RoI heads, where the norm goes."""
+    parts = dict(lateral=list(model.neck.lateral_convs), fpn=list(model.neck.fpn_convs),
+                 bbox=list(model.roi_head.bbox_head.shared_convs))
+    if detector == 'mask':
+        parts['mask'] = list(model.roi_head.mask_head.convs)
+    return parts
+
+
+# --------------------------------------------------------------------------------------------------
+# The set of configs
+# --------------------------------------------------------------------------------------------------
+def test_every_leaf_config_is_in_the_reference_table():
+    leaves = {p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob('*.py') if '_base_' not in p.parts}
+    assert leaves == set(ROWS_BY_PATH), (
+        f'configs without a reference row: {sorted(leaves - set(ROWS_BY_PATH))}; '
+        f'reference rows without a config: {sorted(set(ROWS_BY_PATH) - leaves)}')
+
+
+@pytest.mark.parametrize('path', sorted(p.relative_to(CONFIGS).as_posix()
+                                        for p in (CONFIGS / '_base_').rglob('*.py')))
+def test_base_config_loads(path):
+    cfg = load(path)
+    assert len(cfg) > 0
+
+
+def test_the_cbn_paper_rows_exist():
+    """The 8 detection rows of the CBN paper's table, by the names of the official pattern."""
+    for det in ('faster', 'mask'):
+        for norm in ('baseline', 'syncbn', 'gn', 'cbn_buffer3_burnin8'):
+            assert (CONFIGS / 'cbn' / f'{det}_rcnn_r50_fpn_{norm}_1x.py').is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# Config fields
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('path', IDS)
+def test_runtime_imports_cbn_mmdet(path):
+    assert load(path).custom_imports == dict(imports=['cbn_mmdet'], allow_failed_imports=False)
+
+
+@pytest.mark.parametrize('path', IDS)
+def test_schedule_and_optimizer(path):
+    row, cfg = ROWS_BY_PATH[path], load(path)
+    optimizer = cfg.optim_wrapper.optimizer
+    for key, value in OPTIMIZER.items():
+        assert optimizer[key] == pytest.approx(value) if isinstance(value, float) else optimizer[key] == value
+    assert dict(cfg.optim_wrapper.clip_grad) == CLIP
+    assert cfg.train_cfg.type == 'EpochBasedTrainLoop'
+    assert cfg.train_cfg.max_epochs == row['schedule']['max_epochs']
+
+    warmup, steps = cfg.param_scheduler
+    for key, value in WARMUP.items():
+        assert warmup[key] == value, key
+    assert steps.type == 'MultiStepLR' and steps.by_epoch is True
+    assert list(steps.milestones) == row['schedule']['milestones']
+    assert steps.gamma == pytest.approx(0.1)
+    assert steps.end == row['schedule']['max_epochs']
+
+
+@pytest.mark.parametrize('path', IDS)
+def test_batch_and_lr_scaling(path):
+    row, cfg = ROWS_BY_PATH[path], load(path)
+    assert cfg.train_dataloader.batch_size == row['batch_per_gpu']
+    # 4 GPUs x 4 images (CBN paper) or 8 GPUs x 2 images (MABN): the lr is for 16 images either way.
+    assert cfg.auto_scale_lr == dict(enable=False, base_batch_size=TOTAL_BATCH)
+    assert TOTAL_BATCH % row['batch_per_gpu'] == 0
+
+
+@pytest.mark.parametrize('path', IDS)
+def test_coco_2017_data_and_metrics(path):
+    row, cfg = ROWS_BY_PATH[path], load(path)
+    train, val = cfg.train_dataloader.dataset, cfg.val_dataloader.dataset
+    assert train.type == val.type == 'CocoDataset'
+    assert train.data_root == val.data_root == 'data/coco/'
+    assert train.ann_file == 'annotations/instances_train2017.json'
+    assert val.ann_file == 'annotations/instances_val2017.json'
+    assert train.data_prefix.img == 'train2017/' and val.data_prefix.img == 'val2017/'
+    expected = ['bbox', 'segm'] if row['detector'] == 'mask' else ['bbox']
+    for evaluator in (cfg.val_evaluator, cfg.test_evaluator):
+        assert evaluator.type == 'CocoMetric'
+        assert _metrics(evaluator) == expected
+        assert evaluator.ann_file.endswith('annotations/instances_val2017.json')
+    assert any(t.type == 'LoadAnnotations' and t.get('with_mask', False) == (row['detector'] == 'mask')
+               for t in train.pipeline)
+
+
+@pytest.mark.parametrize('path', IDS)
+def test_model_fields(path):
+    row, cfg = ROWS_BY_PATH[path], load(path)
+    model = cfg.model
+    assert model.type == {'faster': 'FasterRCNN', 'mask': 'MaskRCNN'}[row['detector']]
+
+    backbone = model.backbone
+    assert backbone.type == 'ResNet' and backbone.depth == row['depth']
+    assert backbone.norm_cfg.type == row['backbone_norm'][0]
+    assert backbone.norm_eval is row['norm_eval']
+    assert backbone.frozen_stages == row['frozen_stages']
+    pretrained = row['pretrained']
+    if pretrained is None:
+        assert backbone.init_cfg is None
+    elif isinstance(pretrained, tuple):   # a converted local checkpoint: its name says what it is
+        assert backbone.init_cfg.type == 'Pretrained'
+        assert all(part in backbone.init_cfg.checkpoint for part in pretrained)
+    else:
+        assert backbone.init_cfg == dict(type='Pretrained', checkpoint=pretrained)
+
+    bbox_head = model.roi_head.bbox_head
+    assert bbox_head.type == 'Shared4Conv1FCBBoxHead' and bbox_head.conv_out_channels == 256
+    heads = [model.neck, bbox_head]
+    if row['detector'] == 'mask':
+        mask_head = model.roi_head.mask_head
+        assert mask_head.type == 'FCNMaskHead' and mask_head.num_convs == 4
+        assert mask_head.conv_out_channels == 256
+        heads.append(mask_head)
+    else:
+        assert 'mask_head' not in model.roi_head
+
+    spec = NORMS[row['norm']]
+    for part in heads:
+        norm_cfg = part.get('norm_cfg')
+        if spec is None:
+            assert norm_cfg is None
+        else:
+            assert norm_cfg.type == spec[0]
+            assert norm_cfg.get('requires_grad', True) is True
+            for key, value in spec[2].items():
+                assert norm_cfg[key] == value, (key, norm_cfg)
+    # WS / CenConv convs go wherever their norm goes; the CBN-paper rows keep plain convs.
+    conv_types = {part.get('conv_cfg', None) and part.conv_cfg.type for part in heads + [backbone]}
+    assert conv_types == {{nn.Conv2d: None, WeightStandardizedConv2d: 'WSConv',
+                           CenteredConv2d: 'CenConv'}[row['conv']]}
+
+
+@pytest.mark.parametrize('path', IDS)
+def test_burnin_hook(path):
+    row, cfg = ROWS_BY_PATH[path], load(path)
+    hooks = [h for h in cfg.get('custom_hooks', []) if h.type == 'CBNBurnInHook']
+    epochs = BURNIN_EPOCHS.get(row['norm'])
+    if epochs is None:
+        assert hooks == []
+        return
+    assert len(hooks) == 1
+    hook = HOOKS.build(copy.deepcopy(hooks[0]))
+    assert isinstance(hook, CBNBurnInHook)
+    assert hook.burnin_epochs == epochs and hook.burnin_iters is None
+    assert epochs < row['schedule']['max_epochs']
+
+
+# --------------------------------------------------------------------------------------------------
+# The built model
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('path', IDS)
+def test_built_heads_structure_and_norms(path):
+    row = ROWS_BY_PATH[path]
+    model = build(path)
+    bbox_head = model.roi_head.bbox_head
+    # 4conv1fc: 4 shared 3x3 convs of 256 channels, 1 shared fc of 1024, no separate cls/reg branches.
+    assert len(bbox_head.shared_convs) == 4 and len(bbox_head.shared_fcs) == 1
+    assert len(bbox_head.cls_convs) == len(bbox_head.cls_fcs) == 0
+    assert len(bbox_head.reg_convs) == len(bbox_head.reg_fcs) == 0
+    assert all(m.conv.out_channels == 256 and m.conv.kernel_size == (3, 3) for m in bbox_head.shared_convs)
+    assert bbox_head.shared_fcs[0].out_features == 1024
+    if row['detector'] == 'mask':
+        assert len(model.roi_head.mask_head.convs) == 4
+        assert all(m.conv.out_channels == 256 for m in model.roi_head.mask_head.convs)
+    else:
+        assert not model.roi_head.with_mask
+
+    spec = NORMS[row['norm']]
+    parts = _head_convmodules(model, row['detector'])
+    assert len(parts['lateral']) == len(parts['fpn']) == 4
+    for part, modules in parts.items():
+        for module in modules:
+            assert isinstance(module, ConvModule)
+            assert type(module.conv) is row['conv'], (part, type(module.conv))
+            if spec is None:
+                assert not module.with_norm, part
+                assert module.conv.bias is not None, part   # no norm: the conv keeps its bias
+                continue
+            assert module.with_norm, part
+            assert type(module.norm) is spec[1], (part, type(module.norm))
+            for attr, value in spec[3].items():
+                assert getattr(module.norm, attr) == value, (part, attr)
+            assert module.conv.bias is None, part           # a norm follows: no conv bias
+    # The RPN head never gets a norm.
+    assert not any(isinstance(m, (_BatchNorm, nn.GroupNorm)) for m in model.rpn_head.modules())
+
+
+@pytest.mark.parametrize('path', IDS)
+def test_built_backbone(path):
+    row = ROWS_BY_PATH[path]
+    backbone = build(path).backbone
+    assert backbone.depth == row['depth']
+    norm_cls, conv_cls = row['backbone_norm'][1], row['conv']
+    norms = [m for m in backbone.modules() if isinstance(m, (_BatchNorm, nn.GroupNorm))]
+    convs = [m for m in backbone.modules() if isinstance(m, nn.Conv2d)]
+    # stem + 3 per bottleneck + 4 downsamples
+    blocks = {50: 16, 101: 33}[row['depth']]
+    assert len(norms) == len(convs) == 1 + 3 * blocks + 4
+    assert all(type(m) is norm_cls for m in norms), {type(m).__name__ for m in norms}
+    assert all(type(m) is conv_cls for m in convs), {type(m).__name__ for m in convs}
+    for attr, value in (NORMS[row['norm']][3] if row['backbone_norm'][0] != 'BN' else {}).items():
+        assert all(getattr(m, attr) == value for m in norms), attr
+
+    backbone.train()
+    if row['norm_eval']:
+        # frozen BN: every BN of the backbone stays in eval mode while the model trains
+        assert all(not m.training for m in norms if isinstance(m, _BatchNorm))
+    else:
+        assert all(m.training for name, m in backbone.named_modules()
+                   if isinstance(m, (_BatchNorm, nn.GroupNorm)) and not _in_frozen_stage(name, row))
+    frozen = [p for name, p in backbone.named_parameters() if _in_frozen_stage(name, row)]
+    assert all(not p.requires_grad for p in frozen)
+    assert len(frozen) == (0 if row['frozen_stages'] < 0 else len(frozen)) and (
+        row['frozen_stages'] < 0 or frozen)
+
+
+def _in_frozen_stage(name, row):
+    stages = row['frozen_stages']
+    if stages < 0:
+        return False
+    stem = name.startswith(('conv1', 'norm1', 'bn1', 'gn1', 'bcn1'))
+    return stem or any(name.startswith(f'layer{i}.') for i in range(1, stages + 1))
+
+
+@pytest.mark.parametrize('path', [p for p in IDS if NORMS[ROWS_BY_PATH[p]['norm']]
+                                  and NORMS[ROWS_BY_PATH[p]['norm']][0] == 'CBN'])
+def test_cbn_layers_bind_to_their_convs(path):
+    """Every CBN (neck and heads only) finds the conv of its ConvModule, with no forward pass."""
+    row = ROWS_BY_PATH[path]
+    model = build(path)
+    cbn_layers = [m for m in model.modules() if isinstance(m, CrossIterationBatchNorm2d)]
+    expected = sum(len(v) for v in _head_convmodules(model, row['detector']).values())
+    assert len(cbn_layers) == expected == (16 if row['detector'] == 'mask' else 12)
+    assert not any(isinstance(m, CrossIterationBatchNorm2d) for m in model.backbone.modules())
+    bind_cbn_convs(model, strict=True)
+    for modules in _head_convmodules(model, row['detector']).values():
+        for module in modules:
+            assert module.norm.bound_conv is module.conv
+
+
+@pytest.mark.parametrize('r101', [p for p in IDS if '_r101_' in p])
+def test_r101_is_r50_plus_backbone(r101):
+    """Each R-101 config differs from its R-50 config only in the backbone's depth and weights."""
+    r50 = r101.replace('_r101_', '_r50_')
+    a, b = load(r50).to_dict(), load(r101).to_dict()
+    for cfg in (a, b):
+        cfg['model']['backbone'].pop('depth')
+        cfg['model']['backbone'].pop('init_cfg')
+    assert a == b
