@@ -27,6 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ._validate import (check_eps, check_finite, check_input_dim, check_non_negative_int,
                         check_positive_int, check_unit_interval)
 from .cbn_binding import CBNBindError, queue_for_binding
+from .cbn_normalise import cbn_normalise
 from .cbn_stat_grads import conv_output_size, mean_input_patch, second_moment_weight_grad
 from .distributed import get_world_size, sync_weighted_mean
 
@@ -316,48 +317,72 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             raise ValueError(f'{self._display_name()}: expected more than 1 value per channel when '
                              f'training, got {count}')
 
+    def _affine_params(self, dtype):
+        weight = None if self.weight is None else self.weight.to(dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return weight, bias
+
     def _plain_forward(self, x, update):
         dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(x.device.type, enabled=False):
             xs = x.to(dtype)
-            mean, var, count = self._batch_moments(xs)
+            if self._synced():
+                mean, var, count = self._batch_moments(xs)
+            else:
+                with torch.no_grad():   # cbn_normalise differentiates through the moments itself
+                    mean, var, count = self._batch_moments(xs)
             self._check_count(count)
             if update:
                 self._update_running_stats(mean.detach(), var.detach(), count)
             if x.shape[0] == 0 and not self._synced():
                 return self._empty_output(x)
-            # (a synced empty rank normalises its empty input so that its backward still joins the
-            # all-reduce of the statistics' gradients)
             if self.unbiased_plain_var:
-                norm_var = var * (count / ((count - 1).clamp_min(1) if torch.is_tensor(count) else count - 1))
+                factor = count / ((count - 1).clamp_min(1) if torch.is_tensor(count) else count - 1)
             else:
-                norm_var = var
-            out = self._normalise(xs, mean, norm_var)
+                factor = 1.0
+            if self._synced():
+                out = self._normalise(xs, mean, var * factor)
+            else:
+                out = cbn_normalise(xs, *self._affine_params(dtype), mean, var, count, var_factor=factor,
+                                    eps=self.eps, eps_inside_sqrt=self.eps_inside_sqrt)
         return out.to(x.dtype)
 
     def _window_forward(self, x, weight, conv_input):
         dtype = torch.promote_types(x.dtype, torch.float32)
+        synced = self._synced()
         with torch.autocast(x.device.type, enabled=False):
             xs = x.to(dtype)
-            mean_t, var_t, count = self._batch_moments(xs)
+            if synced:
+                mean_t, var_t, count = self._batch_moments(xs)
+            else:
+                with torch.no_grad():   # cbn_normalise differentiates through the moments itself
+                    mean_t, var_t, count = self._batch_moments(xs)
             self._check_count(count)
             sq_t = var_t + mean_t * mean_t
-            weight_t, mean_grad, sq_grad, groups = self._statistic_grads(xs, weight, conv_input, mean_t, sq_t)
-            if self._synced():
+            weight_t, mean_grad, sq_grad, groups = self._statistic_grads(xs, weight, conv_input)
+            if synced:
                 (mean_grad, sq_grad), _ = sync_weighted_mean(
                     (mean_grad, sq_grad), x.shape[0] * x.shape[2] * x.shape[3], group=self.process_group)
-            mean, var = self._aggregate(mean_t, sq_t, weight_t.to(dtype))
+            coef, past_mean, past_sq = self._window_coefficients(mean_t.detach(), sq_t.detach(),
+                                                                 weight_t.to(dtype))
             self._update_running_stats(mean_t.detach(), var_t.detach(), count)
             self._push(weight_t, mean_t.detach(), sq_t.detach(), mean_grad, sq_grad, groups,
                        valid=(count > 0) if isinstance(count, torch.Tensor) else None)
-            if x.shape[0] == 0 and not self._synced():
+            if synced:
+                # A synced empty rank normalises its empty input too, so that its backward still joins
+                # the all-reduce of the statistics' gradients.
+                mean = coef * mean_t + past_mean
+                var = (coef * sq_t + past_sq - mean * mean).clamp_min(0)
+                out = self._normalise(xs, mean, var)
+            elif x.shape[0] == 0:
                 return self._empty_output(x)
-            # (a synced empty rank normalises its empty input so that its backward still joins the
-            # all-reduce of the statistics' gradients)
-            out = self._normalise(xs, mean, var)
+            else:
+                out = cbn_normalise(xs, *self._affine_params(dtype), mean_t, var_t, count, coef=coef,
+                                    past_mean=past_mean, past_sq=past_sq, eps=self.eps,
+                                    eps_inside_sqrt=self.eps_inside_sqrt)
         return out.to(x.dtype)
 
-    def _statistic_grads(self, xs, weight, conv_input, mean_t, sq_t):
+    def _statistic_grads(self, xs, weight, conv_input):
         """(W_t, dμ/dW as (groups, K), dν/dW as W's shape, groups) for the current iteration."""
         conv = self.bound_conv
         if conv is not None and conv_input is not None:
@@ -382,39 +407,39 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             raise CBNBindError(f'{self._display_name()}: sync=True needs a bound conv (closed-form '
                                'statistic gradients); bind it with cbn_mmdet.ops.bind_cbn_to_conv')
         # Explicit weight, no conv input: the official way, through autograd (slower, same values).
+        stats = (xs.mean((0, 2, 3)), (xs * xs).mean((0, 2, 3)))
         grads = [torch.autograd.grad(stat.sum(), weight, retain_graph=True, allow_unused=True)[0]
-                 for stat in (mean_t, sq_t)]
+                 for stat in stats]
         if grads[0] is None:
             raise CBNBindError(f'{self._display_name()}: the input does not depend on the weight passed '
                                'to forward(x, weight)')
         # One row per output channel: the compact (groups, K) layout with groups = C_out.
         return weight.detach(), grads[0].detach().flatten(1), grads[1].detach(), weight.shape[0]
 
-    def _aggregate(self, mean_t, sq_t, weight_t):
-        """Compensate the window to ``weight_t`` and average the valid entries (current included)."""
-        valid_t = (sq_t - mean_t * mean_t >= 0).detach().to(mean_t.dtype)
-        sum_mean = valid_t * mean_t
-        sum_sq = valid_t * sq_t
-        kept = valid_t
+    @torch.no_grad()
+    def _window_coefficients(self, mean_t, sq_t, weight_t):
+        """Compensate the window to ``weight_t``; return ``(c, A, B)`` with μ̄ = c·μ_t + A, S = c·ν_t + B.
+
+        Entries (the current one included) whose compensated ν − μ² < 0 are dropped; n counts the kept
+        ones, c = kept_t / n, A and B are the kept past sums over n.
+        """
+        kept_t = (sq_t - mean_t * mean_t >= 0).to(mean_t.dtype)
+        kept = kept_t
+        past_mean_sum = torch.zeros_like(mean_t)
+        past_sq_sum = torch.zeros_like(mean_t)
         if self.window_weight.numel() > 0:
-            with torch.no_grad():
-                past_mean, past_sq = self._compensated_window(weight_t, mean_t.dtype)
-                past_valid = self.window_filled.view(-1, 1) & (past_sq - past_mean * past_mean >= 0)
-                past_valid = past_valid.to(mean_t.dtype)
-                kept = kept + past_valid.sum(0)
-                past_mean_sum = (past_valid * past_mean).sum(0)
-                past_sq_sum = (past_valid * past_sq).sum(0)
-            sum_mean = sum_mean + past_mean_sum
-            sum_sq = sum_sq + past_sq_sum
-        # Guard (official: 0/0 = NaN): no valid entry -> use the current batch alone and count it.
+            past_mean, past_sq = self._compensated_window(weight_t, mean_t.dtype)
+            past_kept = (self.window_filled.view(-1, 1) & (past_sq - past_mean * past_mean >= 0))
+            past_kept = past_kept.to(mean_t.dtype)
+            kept = kept + past_kept.sum(0)
+            past_mean_sum = (past_kept * past_mean).sum(0)
+            past_sq_sum = (past_kept * past_sq).sum(0)
+        # Guard (official: 0/0 = NaN): no valid entry -> the current batch alone, and count the event.
         none_kept = kept == 0
         self.num_fallbacks.add_(none_kept.any().long())
-        sum_mean = torch.where(none_kept, mean_t, sum_mean)
-        sum_sq = torch.where(none_kept, sq_t, sum_sq)
+        kept_t = torch.where(none_kept, torch.ones_like(kept_t), kept_t)
         kept = torch.where(none_kept, torch.ones_like(kept), kept)
-        mean = sum_mean / kept
-        var = (sum_sq / kept - mean * mean).clamp_min(0)
-        return mean, var
+        return kept_t / kept, past_mean_sum / kept, past_sq_sum / kept
 
     def _compensated_window(self, weight_t, dtype):
         n, c = self.window_mean.shape

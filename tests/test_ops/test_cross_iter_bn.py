@@ -143,17 +143,21 @@ def test_no_valid_entry_at_all_is_guarded():
     conv, cbn = _bound(cin=2, cout=2, buffer_num=1)
     _step(conv, cbn, torch.randn(2, 2, 4, 4, dtype=DT))
     with torch.no_grad():
-        cbn.window_mean.fill_(10.0)
+        cbn.window_mean.fill_(10.0)     # every past entry invalid: nu < mu^2
         cbn.window_sq.fill_(1.0)
-        conv.weight.zero_()     # constant (zero) conv output: nu - mu^2 may round below 0
-    from cbn_mmdet.ops import cross_iter_bn
-    mean_t = torch.zeros(2, dtype=DT)
-    sq_t = torch.full((2,), -1e-30, dtype=DT)   # a current entry that rounds invalid
-    mean, var = cbn._aggregate(mean_t, sq_t, conv.weight.detach())
-    assert torch.isfinite(mean).all() and torch.isfinite(var).all()
+    mean_t = torch.tensor([0.5, -0.5], dtype=DT)
+    sq_t = torch.tensor([0.25 - 1e-12, 0.25], dtype=DT)   # channel 0's current entry rounds invalid
+    coef, past_mean, past_sq = cbn._window_coefficients(mean_t, sq_t, conv.weight.detach())
     assert int(cbn.num_fallbacks) == 1
-    torch.testing.assert_close(var, torch.zeros(2, dtype=DT))
-    assert cross_iter_bn is not None
+    torch.testing.assert_close(coef, torch.ones(2, dtype=DT))          # current batch alone
+    torch.testing.assert_close(past_mean, torch.zeros(2, dtype=DT))
+    torch.testing.assert_close(past_sq, torch.zeros(2, dtype=DT))
+    # end to end: a clamped variance gives a finite output
+    with torch.no_grad():
+        conv.weight.zero_()             # a constant (zero) conv output: variance exactly 0
+    out = cbn(conv(torch.randn(2, 2, 4, 4, dtype=DT, requires_grad=True)))
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(conv.weight.grad).all()
 
 
 def test_empty_batch():
