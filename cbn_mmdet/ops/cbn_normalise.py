@@ -38,11 +38,10 @@ class _CBNNormalise(torch.autograd.Function):
         std = var.sqrt()
         inv = torch.rsqrt(var + eps) if eps_inside_sqrt else 1.0 / (std + eps)
         gamma = weight if weight is not None else torch.ones_like(inv)
-        scale = gamma * inv
-        shift = -mean * scale
-        if bias is not None:
-            shift = shift + bias
-        out = torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1))
+        # BN's eval kernel with running_var = 1/inv² and eps = 0 computes exactly γ(x − μ̄)·inv + β in
+        # one fused pass (several times faster than a broadcasted addcmul on CPU).
+        out = torch.batch_norm(x, gamma, bias, mean, inv.pow(-2), False, 0.0, 0.0,
+                               torch.backends.cudnn.enabled)
         ctx.save_for_backward(x, gamma, mean, inv, std, coef, var_live)
         ctx.config = (factor, eps_inside_sqrt, count, weight is not None, bias is not None)
         return out
@@ -52,9 +51,10 @@ class _CBNNormalise(torch.autograd.Function):
         x, gamma, mean, inv, std, coef, var_live = ctx.saved_tensors
         factor, eps_inside_sqrt, count, has_weight, has_bias = ctx.config
         grad_out = grad_out.contiguous(memory_format=_memory_format(x))
-        # Eval-mode BN backward with running_var = 1/inv² and eps = 0: exactly our inv, fused reductions.
-        grad_x, grad_weight, sum_g = torch.ops.aten.native_batch_norm_backward(
-            grad_out, x, gamma, mean, inv.pow(-2), None, None, False, 0.0, [True, True, True])
+        # Eval-mode BN backward with running_var = 1/inv² and eps = 0: exactly our inv; only its fused
+        # reductions are used (Σ g·(x − μ̄)·inv and Σ g), dL/dx is assembled below in two passes.
+        _, grad_weight, sum_g = torch.ops.aten.native_batch_norm_backward(
+            grad_out, x, gamma, mean, inv.pow(-2), None, None, False, 0.0, [False, True, True])
         centred_sum = grad_weight / inv                 # Σ g·(x − μ̄)
         if eps_inside_sqrt:
             dinv_dvar = -0.5 * inv.pow(3)
@@ -67,9 +67,12 @@ class _CBNNormalise(torch.autograd.Function):
         grad_mean_bar = -gamma * inv * sum_g - 2.0 * factor * mean * grad_var
         grad_mean_t = coef * grad_mean_bar
         grad_sq_t = coef * factor * grad_var
-        # x enters μ_t = Σx/M and ν_t = Σx²/M: one more elementwise pass.
-        grad_x = grad_x + (grad_mean_t / count).view(1, -1, 1, 1)
-        grad_x = torch.addcmul(grad_x, x, (2.0 * grad_sq_t / count).view(1, -1, 1, 1))
+        # dL/dx = g·γ·inv (direct) + dμ_t/M + x·2dν_t/M (x enters μ_t = Σx/M and ν_t = Σx²/M).
+        # The per-channel affine x·b + a is again BN's eval kernel (mean 0, var 1, eps 0): one fast pass.
+        ones = torch.ones_like(inv)
+        grad_x = torch.batch_norm(x, 2.0 * grad_sq_t / count, grad_mean_t / count, torch.zeros_like(inv),
+                                  ones, False, 0.0, 0.0, torch.backends.cudnn.enabled)
+        grad_x.addcmul_(grad_out, (gamma * inv).view(1, -1, 1, 1))
         return (grad_x, grad_weight if has_weight else None, sum_g if has_bias else None,
                 None, None, None, None, None, None, None, None, None)
 
