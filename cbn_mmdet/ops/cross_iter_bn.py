@@ -35,7 +35,7 @@ __all__ = ['CrossIterationBatchNorm2d', 'SyncCrossIterationBatchNorm2d']
 
 _OWNER = 'CrossIterationBatchNorm2d'
 # Buffers a plain BN checkpoint lacks; see _load_from_state_dict for the policy.
-_CBN_ONLY_BUFFERS = ('iter_count', 'num_fallbacks', 'window_head', 'window_filled', 'window_mean',
+_CBN_ONLY_BUFFERS = ('iter_count', 'num_fallbacks', 'num_nonfinite', 'window_head', 'window_filled', 'window_mean',
                      'window_sq', 'window_weight', 'window_mean_grad', 'window_sq_grad')
 # Buffers whose shape depends on the conv, unknown until the layer is bound (materialised lazily).
 _CONV_SHAPED_BUFFERS = ('window_weight', 'window_mean_grad', 'window_sq_grad')
@@ -107,6 +107,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         factory = dict(device=device)
         self.register_buffer('iter_count', torch.zeros((), dtype=torch.long, **factory))
         self.register_buffer('num_fallbacks', torch.zeros((), dtype=torch.long, **factory))
+        # Training steps whose batch statistics were NaN/Inf: such a step updates neither the running
+        # statistics nor the window (NormHealthHook reports it by layer name and iteration).
+        self.register_buffer('num_nonfinite', torch.zeros((), dtype=torch.long, **factory))
         self.register_buffer('window_head', torch.zeros((), dtype=torch.long, **factory))
         self.register_buffer('window_filled', torch.zeros(self.buffer_num, dtype=torch.bool, **factory))
         fdtype = dict(device=device, dtype=dtype)
@@ -186,6 +189,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             self.reset_window()
             self.iter_count.zero_()
             self.num_fallbacks.zero_()
+            self.num_nonfinite.zero_()
             self._iter_shadow = 0
 
     def set_iteration(self, value):
@@ -302,9 +306,16 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         return mean, var, count
 
     def _update_running_stats(self, mean, biased_var, count):
-        if not self.track_running_stats:
-            return
+        """Update running statistics; return a 0-dim bool tensor: were the batch statistics finite?
+
+        A non-finite step (NaN/Inf in the input) leaves the statistics untouched and is counted in
+        ``num_nonfinite`` — all without reading the flag on the host.
+        """
         with torch.no_grad():
+            finite = torch.isfinite(mean).all() & torch.isfinite(biased_var).all()
+            self.num_nonfinite.add_((~finite).long())
+            if not self.track_running_stats:
+                return finite
             factor = self._momentum_factor()
             if isinstance(count, torch.Tensor):
                 # Global count of a synced batch (a tensor: no host sync). An empty global batch
@@ -313,8 +324,10 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 unbiased = biased_var * (count / (count - 1).clamp_min(1))
             else:
                 unbiased = biased_var * (count / (count - 1))
-            self.running_mean.mul_(1 - factor).add_(factor * mean.to(self.running_mean.dtype))
-            self.running_var.mul_(1 - factor).add_(factor * unbiased.to(self.running_var.dtype))
+            for running, batch in ((self.running_mean, mean), (self.running_var, unbiased)):
+                updated = running * (1 - factor) + factor * batch.to(running.dtype)
+                running.copy_(torch.where(finite, updated, running))
+        return finite
 
     def _check_count(self, count):
         if isinstance(count, int) and count <= 1:
@@ -369,9 +382,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                     (mean_grad, sq_grad), x.shape[0] * x.shape[2] * x.shape[3], group=self.process_group)
             coef, past_mean, past_sq = self._window_coefficients(mean_t.detach(), sq_t.detach(),
                                                                  weight_t.to(dtype))
-            self._update_running_stats(mean_t.detach(), var_t.detach(), count)
-            self._push(weight_t, mean_t.detach(), sq_t.detach(), mean_grad, sq_grad, groups,
-                       valid=(count > 0) if isinstance(count, torch.Tensor) else None)
+            finite = self._update_running_stats(mean_t.detach(), var_t.detach(), count)
+            valid = finite & (count > 0) if isinstance(count, torch.Tensor) else finite
+            self._push(weight_t, mean_t.detach(), sq_t.detach(), mean_grad, sq_grad, groups, valid=valid)
             if synced:
                 # A synced empty rank normalises its empty input too, so that its backward still joins
                 # the all-reduce of the statistics' gradients.
@@ -458,21 +471,25 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     def _push(self, weight_t, mean_t, sq_t, mean_grad, sq_grad, groups, valid=None):
         """Write the current entry over the oldest slot (a ring: order is irrelevant to a mean).
 
-        ``valid`` (a bool tensor) marks a synced step whose global batch was empty: its slot is
-        written but flagged unfilled, without reading the flag on the host.
+        ``valid`` (a 0-dim bool tensor) is False for a step whose statistics are unusable (non-finite,
+        or an empty global batch under sync): nothing is written and the ring does not advance, without
+        reading the flag on the host.
         """
         self._materialise(weight_t.shape, groups, mean_grad.shape[-1])
         slot = self.window_head.view(1)
-        self.window_weight.index_copy_(0, slot, weight_t.unsqueeze(0).to(self.window_weight.dtype))
-        self.window_mean_grad.index_copy_(0, slot, mean_grad.unsqueeze(0).to(self.window_mean_grad.dtype))
-        self.window_sq_grad.index_copy_(0, slot, sq_grad.unsqueeze(0).to(self.window_sq_grad.dtype))
-        self.window_mean.index_copy_(0, slot, mean_t.unsqueeze(0).to(self.window_mean.dtype))
-        self.window_sq.index_copy_(0, slot, sq_t.unsqueeze(0).to(self.window_sq.dtype))
+        for name, value in (('window_weight', weight_t), ('window_mean_grad', mean_grad),
+                            ('window_sq_grad', sq_grad), ('window_mean', mean_t), ('window_sq', sq_t)):
+            buf = self._buffers[name]
+            value = value.unsqueeze(0).to(buf.dtype)
+            if valid is not None:
+                value = torch.where(valid, value, buf.index_select(0, slot))
+            buf.index_copy_(0, slot, value)
         if valid is None:
             self.window_filled.index_fill_(0, slot, True)
+            self.window_head.copy_((self.window_head + 1) % self.buffer_num)
         else:
-            self.window_filled.index_copy_(0, slot, valid.view(1).to(torch.bool))
-        self.window_head.copy_((self.window_head + 1) % self.buffer_num)
+            self.window_filled.index_copy_(0, slot, self.window_filled.index_select(0, slot) | valid.view(1))
+            self.window_head.copy_((self.window_head + valid.long()) % self.buffer_num)
 
     def _materialise(self, weight_shape, groups, patch_len):
         shapes = {'window_weight': (self.buffer_num, *weight_shape),

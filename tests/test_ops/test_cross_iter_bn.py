@@ -322,3 +322,35 @@ def test_bad_input_rank_and_conv():
         bind_cbn_to_conv(CrossIterationBatchNorm2d(4, buffer_num=1), nn.Conv2d(3, 5, 1))
     with pytest.raises(CBNBindError, match='expected an nn.Conv2d'):
         bind_cbn_to_conv(CrossIterationBatchNorm2d(4, buffer_num=1), nn.Linear(3, 4))
+
+
+def test_non_finite_input_leaves_state_untouched_and_is_counted():
+    conv, cbn = _bound(buffer_num=2)
+    for _ in range(3):
+        _step(conv, cbn, torch.randn(2, 3, 5, 5, dtype=DT))
+    before = {k: v.clone() for k, v in cbn.state_dict().items()}
+    x = torch.randn(2, 3, 5, 5, dtype=DT)
+    x[0, 0, 2, 2] = float('nan')
+    cbn(conv(x.requires_grad_()))
+    after = cbn.state_dict()
+    assert int(after['num_nonfinite']) == 1
+    for key in ('running_mean', 'running_var', 'window_mean', 'window_sq', 'window_weight', 'window_head',
+                'window_filled'):
+        assert torch.equal(before[key], after[key]), key
+    _step(conv, cbn, torch.randn(2, 3, 5, 5, dtype=DT))      # training goes on normally afterwards
+    assert torch.isfinite(cbn.running_var).all() and int(cbn.window_head) != int(before['window_head'])
+
+
+def test_channels_last_matches_contiguous():
+    conv_a, cbn_a = _bound(buffer_num=2)
+    conv_b, cbn_b = copy.deepcopy(conv_a), copy.deepcopy(cbn_a)
+    conv_b = conv_b.to(memory_format=torch.channels_last)
+    bind_cbn_to_conv(cbn_b, conv_b)
+    for _ in range(3):
+        x = torch.randn(2, 3, 6, 6, dtype=DT)
+        xa, xb = x.clone().requires_grad_(), x.clone().to(memory_format=torch.channels_last).requires_grad_()
+        out_a, out_b = cbn_a(conv_a(xa)), cbn_b(conv_b(xb))
+        out_a.sum().backward()
+        out_b.sum().backward()
+        torch.testing.assert_close(out_a, out_b)
+        torch.testing.assert_close(xa.grad, xb.grad)

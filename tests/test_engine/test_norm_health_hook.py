@@ -1,0 +1,66 @@
+"""NormHealthHook names the layer and the iteration where a NaN/Inf reached a norm."""
+import types
+
+import pytest
+import torch
+import torch.nn as nn
+from mmcv.cnn import ConvModule
+
+import cbn_mmdet  # noqa: F401
+from cbn_mmdet.engine import NormHealthHook
+
+
+def _runner(model, iteration=0):
+    errors = []
+    logger = types.SimpleNamespace(error=errors.append, warning=errors.append)
+    return types.SimpleNamespace(model=model, iter=iteration, epoch=0, logger=logger, errors=errors)
+
+
+def _model():
+    return nn.Sequential(ConvModule(3, 8, 3, padding=1, norm_cfg=dict(type='CBN', buffer_num=2)),
+                         ConvModule(8, 8, 3, padding=1, norm_cfg=dict(type='GN', num_groups=4)))
+
+
+def test_clean_iterations_pass_silently():
+    model = _model()
+    runner = _runner(model)
+    hook = NormHealthHook()
+    hook.before_train(runner)
+    for it in range(3):
+        runner.iter = it
+        model(torch.randn(2, 3, 5, 5, requires_grad=True)).sum().backward()
+        hook.after_train_iter(runner, it)
+
+
+def test_nan_is_reported_with_layer_and_iteration():
+    model = _model()
+    runner = _runner(model, iteration=41)
+    hook = NormHealthHook()
+    hook.before_train(runner)
+    x = torch.randn(2, 3, 5, 5)
+    x[1, 2, 0, 0] = float('inf')
+    model(x.requires_grad_())
+    with pytest.raises(FloatingPointError, match=r"'0.bn'.*'1.gn'.*at iteration 42"):
+        hook.after_train_iter(runner, 41)
+    assert int(model[0].norm.num_nonfinite) == 1
+    assert torch.isfinite(model[0].norm.running_var).all()
+
+
+def test_log_instead_of_raise_and_interval():
+    model = _model()
+    runner = _runner(model, iteration=0)
+    hook = NormHealthHook(interval=2, raise_error=False)
+    hook.before_train(runner)
+    x = torch.randn(2, 3, 5, 5)
+    x[0, 0, 0, 0] = float('nan')
+    model(x)
+    hook.after_train_iter(runner, 0)     # not a checked iteration: flags kept
+    assert not runner.errors
+    runner.iter = 1
+    hook.after_train_iter(runner, 1)
+    assert len(runner.errors) == 1 and "'0.bn'" in runner.errors[0]
+
+
+def test_bad_interval():
+    with pytest.raises(ValueError, match='interval must be an int >= 1, got 0'):
+        NormHealthHook(interval=0)
