@@ -1,0 +1,4 @@
+"""Deployment helpers: fold eval-mode norm layers into the convs that feed them."""
+from .fuse_norm import fold_norm_into_conv, fuse_norm_layers
+
+__all__ = ['fuse_norm_layers', 'fold_norm_into_conv']
