@@ -9,8 +9,10 @@
 #     180k iterations with steps at 120k/160k (~24 epochs of COCO train2017, steps ~16/21); we use
 #     mmdet's 2x: 24 epochs, steps at 16 and 22 (configs/_base_/schedules/paper_2x.py). Warm-up and
 #     gradient clipping are those of the other configs here (500 iterations from 0.001 x lr; max_norm 35).
-# MABN's B must equal the images per GPU: with another GPU count keep 2 images per GPU and scale the lr
-# (`--auto-scale-lr`), or change B together with batch_size.
+# MABN's B must equal the images per GPU. Run on 8 GPUs: in a distributed run tools/train.py gives
+# each GPU global_batch_size (16, schedules/paper_1x.py) / #GPUs images. On another GPU count either
+# keep 2 per GPU (`--cfg-options global_batch_size=<2 x #GPUs>` plus `--auto-scale-lr`), or set
+# norm_cfg B to 16 / #GPUs as well (the moving averages then cover real_B / B iterations).
 _base_ = [
     '../_base_/models/mask_rcnn_r50_fpn_4conv1fc_4conv.py',
     '../_base_/datasets/coco_instance_paper.py',

@@ -13,10 +13,11 @@ norm_cfg = dict(type='BCN', num_groups=32, estimate_stats=True, requires_grad=Tr
 # (joe-siyuan-qiao/Batch-Channel-Normalization, imagenet/README.md):
 #   https://cs.jhu.edu/~syqiao/BatchChannelNormalization/rn50_bcn_ws.pth
 #   https://cs.jhu.edu/~syqiao/BatchChannelNormalization/rn101_bcn_ws.pth
-# Their parameter names and the layout of the BCN parameters differ from mmdet's ResNet with our BCN
-# (`bn1.pbn.*` + a per-group affine vs `bcn1.*` + a per-channel affine), so they must be converted
-# first; docs/reproduce_coco.md ("Pretrained backbones") gives the key mapping. The paths below are
-# where the converted files are expected. Without such weights, see gn_ws.py: a BN-pretrained
-# backbone with WS convs diverges or underperforms; from scratch needs a much longer schedule.
+# Their layout differs from mmdet's ResNet with our BCN (released: `bn1.pbn.*` = an affine BN, then a
+# per-GROUP affine `bn1.weight/bias` of shape (1, 32, 1); ours: `bn1.*` with one per-channel affine),
+# so they must be converted first; docs/reproduce_coco.md ("Pretrained backbones") gives the mapping.
+# The paths below are where the converted files are expected (relative to the working directory).
+# Without such weights, see gn_ws.py: a BN-pretrained backbone with WS convs diverges or underperforms;
+# from scratch needs a much longer schedule.
 bcn_ws_pretrained_r50 = 'checkpoints/resnet50_bcn_ws_mmdet.pth'
 bcn_ws_pretrained_r101 = 'checkpoints/resnet101_bcn_ws_mmdet.pth'

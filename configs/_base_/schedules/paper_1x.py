@@ -18,6 +18,11 @@ optim_wrapper = dict(
     optimizer=dict(type='SGD', lr=0.02, momentum=0.9, weight_decay=0.0001),
     clip_grad=dict(max_norm=35, norm_type=2))
 
-# lr 0.02 is for 16 images per iteration (the paper: 4 GPUs x 4 images). Off by default so that the
-# paper's setting is what runs; `tools/train.py --auto-scale-lr` rescales it for another total batch.
+# lr 0.02 is for 16 images per iteration (the paper: 4 GPUs x 4 images, train_dataloader.batch_size=4
+# in the dataset bases). `global_batch_size` states that total: in a distributed run, cbn_mmdet's
+# tools/train.py sets the per-GPU batch to global_batch_size / #GPUs (8 GPUs -> 2 images each) so the lr
+# stays right. Note that BN-type layers (CBN here) normalise over the images of ONE GPU, so only 4 GPUs
+# reproduce the paper's CBN rows exactly. auto_scale_lr is off so that the paper's lr is what runs;
+# `--auto-scale-lr` rescales the lr instead for another total batch.
+global_batch_size = 16
 auto_scale_lr = dict(enable=False, base_batch_size=16)
