@@ -3,7 +3,7 @@ import os
 import os.path as osp
 
 __all__ = ['register_modules', 'load_config', 'default_work_dir', 'ensure_config_data', 'build_runner',
-           'add_launcher_args']
+           'add_launcher_args', 'set_local_rank_env']
 
 
 def register_modules():

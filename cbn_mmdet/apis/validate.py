@@ -5,6 +5,7 @@ instead of the errors mmengine/mmcv would give much later (a ``FileNotFoundError
 building after the work_dir was created; ``KeyError: 'CBNN is not in the mmdet::model registry'``
 without a list of what is registered; a silently different global batch).
 """
+import difflib
 import inspect
 import os.path as osp
 
@@ -170,7 +171,8 @@ def check_layer_types(cfg):
         if registry.get(layer_type) is not None:
             continue
         known = registered_norm_types() if kind == 'norm' else registered_conv_types()
-        hint = ' (did you forget custom_imports / `import cbn_mmdet`?)' if kind == 'norm' else ''
+        close = difflib.get_close_matches(layer_type, known, n=1)
+        hint = f' (did you mean {close[0]!r}?)' if close else ''
         raise ConfigError(f"{field}.type = {layer_type!r} is not a registered {kind} layer{hint}. "
                           f"Registered {kind} types: {', '.join(known)}")
 

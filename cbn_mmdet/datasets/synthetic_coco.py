@@ -217,7 +217,12 @@ def generate_synthetic_coco(out_dir, **params):
                 shutil.rmtree(tmp)
                 return meta
             shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:
+            if not _is_complete(out_dir, params):   # not a concurrent writer of the same dataset
+                raise
+            shutil.rmtree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

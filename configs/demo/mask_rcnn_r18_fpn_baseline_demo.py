@@ -7,7 +7,8 @@
 # - ResNet-18 from random init (no pretrained weights offline): init_cfg=None, and the backbone's BN is
 #   trained (frozen_stages=-1, norm_eval=False) instead of frozen ImageNet BN. Same in every variant.
 # - 64 FPN/RoI-head channels, 128x128 images, anchors of scale 4 (objects are 18-52 px), 64 sampled
-#   RoIs per image, fewer proposals: the RoI heads dominate the cost on a CPU.
+#   RoIs per image, fewer proposals, RoIAlign with 2x2 samples per bin: the RoI heads dominate the
+#   cost on a CPU.
 # - A short schedule (max_epochs below) with the paper's SGD/momentum/clipping, linear warm-up and
 #   x0.1 steps at 8/12 and 11/12 of it; batch 2 on one process.
 _base_ = '../cbn/mask_rcnn_r50_fpn_baseline_1x.py'
@@ -27,10 +28,10 @@ model = dict(
     neck=dict(in_channels=[64, 128, 256, 512], out_channels=channels),
     rpn_head=dict(in_channels=channels, feat_channels=channels, anchor_generator=dict(scales=[4])),
     roi_head=dict(
-        bbox_roi_extractor=dict(out_channels=channels),
+        bbox_roi_extractor=dict(out_channels=channels, roi_layer=dict(sampling_ratio=2)),
         bbox_head=dict(in_channels=channels, conv_out_channels=channels, fc_out_channels=256,
                        num_classes=3),
-        mask_roi_extractor=dict(out_channels=channels),
+        mask_roi_extractor=dict(out_channels=channels, roi_layer=dict(sampling_ratio=2)),
         mask_head=dict(in_channels=channels, conv_out_channels=channels, num_classes=3)),
     train_cfg=dict(
         rpn_proposal=dict(nms_pre=500, max_per_img=200),
@@ -81,7 +82,7 @@ train_cfg = dict(max_epochs=max_epochs, val_interval=max_epochs)
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=100),
     dict(type='MultiStepLR', begin=0, end=max_epochs, by_epoch=True,
-         milestones=[round(max_epochs * 8 / 12), round(max_epochs * 11 / 12)], gamma=0.1),
+         milestones=[int(max_epochs * 8 / 12), int(max_epochs * 11 / 12)], gamma=0.1),
 ]
 optim_wrapper = dict(optimizer=dict(lr=0.02))
 auto_scale_lr = dict(base_batch_size=2)
@@ -90,3 +91,4 @@ default_hooks = dict(
     logger=dict(interval=20),
     checkpoint=dict(interval=1, max_keep_ckpts=1))
 log_processor = dict(window_size=20)
+randomness = dict(seed=0)

@@ -1,0 +1,237 @@
+"""Small-batch classification benchmark: every norm of cbn_mmdet in the same small CNN.
+
+The study behind ``tools/analysis/small_batch_bench.py`` (see ``docs/fidelity.md``):
+:class:`~cbn_mmdet.analysis.nets.SmallConvNet` with BN, GN, BCN (+WS conv), MABN (+centred conv), CBN
+and naive cross-iteration BN (CBN with ``rho=0``) is trained on the 8x8 digits at several batch sizes
+and seeds, and evaluated on the held-out split in eval mode (running statistics where the layer has
+them).
+
+Budget: every run sees the same number of training samples (``epochs`` passes over the training
+split), so a batch of ``b`` gets ``epochs · N_train / b`` iterations. SGD with momentum; the learning
+rate follows the linear scaling rule ``lr = base_lr · b / base_batch`` with a linear warm-up and a
+cosine decay to zero (per iteration).
+"""
+import csv
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import load_dataset
+from .nets import NORMS, SmallConvNet
+
+__all__ = ['BenchConfig', 'train_one', 'run_bench', 'markdown_table', 'plot_bench', 'LABELS']
+
+LABELS = {'bn': 'BN', 'gn': 'GN', 'bcn': 'BCN+WS', 'mabn': 'MABN+CenConv', 'cbn': 'CBN',
+          'naive': 'naive CBN (rho=0)', 'cbn_fullgrad': 'CBN, grad through window (diag.)'}
+
+
+@dataclass
+class BenchConfig:
+    """Settings of the benchmark (defaults: the documented run, under 15 minutes on 2 CPU cores)."""
+    norms: tuple = NORMS
+    batch_sizes: tuple = (1, 2, 4, 16)
+    seeds: tuple = (0, 1, 2)
+    epochs: float = 2.0
+    base_lr: float = 0.1
+    base_batch: int = 16
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_fraction: float = 0.05
+    num_groups: int = 8            # GN and BCN groups (16/32/64 channels: 2/4/8 per group)
+    cbn_buffer: int = 3            # window of 4 iterations
+    cbn_burnin: int = 50           # training forwards of plain BN before the window is used
+    mabn_real_batch: int = 16      # MABN averages over real_B / b iterations
+    mabn_warmup: int = 100
+    dataset: str = 'digits'
+    out: str = 'work_dirs/fidelity'
+    threads: int = 1
+
+    @classmethod
+    def quick(cls, **overrides):
+        cfg = dict(batch_sizes=(2, 8), seeds=(0,), epochs=0.1, cbn_burnin=3, mabn_warmup=3,
+                   mabn_real_batch=8)
+        cfg.update(overrides)
+        return cls(**cfg)
+
+
+def _lr_at(cfg, lr, it, total):
+    warmup = max(1, int(cfg.warmup_fraction * total))
+    if it < warmup:
+        return lr * (it + 1) / warmup
+    return 0.5 * lr * (1 + math.cos(math.pi * (it - warmup) / max(1, total - warmup)))
+
+
+@torch.no_grad()
+def _accuracy(net, x, y, batch=512):
+    net.eval()
+    correct = 0
+    for start in range(0, x.shape[0], batch):
+        correct += (net(x[start:start + batch]).argmax(1) == y[start:start + batch]).sum().item()
+    return correct / x.shape[0]
+
+
+def train_one(cfg, data, norm, batch_size, seed):
+    """Train one (norm, batch size, seed); returns a dict with test/train accuracy and timings."""
+    x_train, y_train, x_test, y_test = data
+    torch.manual_seed(seed)
+    net = SmallConvNet(norm, batch_size=batch_size, num_groups=cfg.num_groups, cbn_buffer=cfg.cbn_buffer,
+                       cbn_burnin=cfg.cbn_burnin, mabn_real_batch=cfg.mabn_real_batch,
+                       mabn_warmup=cfg.mabn_warmup)
+    lr = cfg.base_lr * batch_size / cfg.base_batch
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    total = max(1, int(round(cfg.epochs * x_train.shape[0] / batch_size)))
+    gen = torch.Generator().manual_seed(20_000 + seed)
+    order, pos = torch.randperm(x_train.shape[0], generator=gen), 0
+    losses, moves = [], []
+    convs = list(net.convs)
+    start = time.perf_counter()
+    net.train()
+    for it in range(total):
+        if pos + batch_size > order.numel():
+            order, pos = torch.randperm(x_train.shape[0], generator=gen), 0
+        idx = order[pos:pos + batch_size]
+        pos += batch_size
+        for group in opt.param_groups:
+            group['lr'] = _lr_at(cfg, lr, it, total)
+        loss = F.cross_entropy(net(x_train[idx]), y_train[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        with torch.no_grad():
+            before = [c.weight.clone() for c in convs]
+        opt.step()
+        losses.append(loss.item())
+        with torch.no_grad():   # relative conv-weight change of this step (how far a window reaches back)
+            moves.append(float(np.mean([((c.weight - w).norm() / w.norm()).item() for c, w in zip(convs, before)])))
+    train_seconds = time.perf_counter() - start
+    diverged = not all(math.isfinite(v) for v in losses[-50:])
+    result = dict(norm=norm, batch_size=batch_size, seed=seed, iters=total, lr=lr,
+                  test_acc=_accuracy(net, x_test, y_test), train_acc=_accuracy(net, x_train, y_train),
+                  final_loss=float(np.mean(losses[-max(1, total // 10):])), diverged=diverged,
+                  step_move=float(np.mean(moves)),
+                  train_seconds=train_seconds, ms_per_iter=1e3 * train_seconds / total)
+    fallbacks = [int(m.num_fallbacks) for m in net.norms if hasattr(m, 'num_fallbacks')]
+    result['cbn_fallbacks'] = sum(fallbacks) if fallbacks else ''
+    return result
+
+
+def _aggregate(results, cfg):
+    rows = []
+    for norm in cfg.norms:
+        for b in cfg.batch_sizes:
+            runs = [r for r in results if r['norm'] == norm and r['batch_size'] == b]
+            acc = np.array([100 * r['test_acc'] for r in runs])
+            rows.append(dict(norm=norm, batch_size=b, acc_mean=float(acc.mean()),
+                             acc_std=float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+                             acc_min=float(acc.min()), num_seeds=len(acc),
+                             train_acc=float(np.mean([100 * r['train_acc'] for r in runs])),
+                             ms_per_iter=float(np.mean([r['ms_per_iter'] for r in runs])),
+                             step_move=float(np.mean([r['step_move'] for r in runs])),
+                             final_loss=float(np.mean([r['final_loss'] for r in runs])),
+                             diverged=sum(r['diverged'] for r in runs)))
+    return rows
+
+
+def markdown_table(rows, cfg, metric='acc'):
+    """One row per norm, one column per batch size.
+
+    ``metric``: ``'acc'`` (test accuracy %, mean ± std over seeds), ``'train_acc'`` (eval-mode accuracy
+    on the training split, %), ``'final_loss'`` (training loss over the last 10% of iterations, train
+    mode) or ``'step_move'`` (mean relative conv-weight change per iteration).
+    """
+    header = '| norm | ' + ' | '.join(f'b={b}' for b in cfg.batch_sizes) + ' |'
+    lines = [header, '|' + '---|' * (len(cfg.batch_sizes) + 1)]
+    for norm in cfg.norms:
+        cells = []
+        for b in cfg.batch_sizes:
+            r = next(r for r in rows if r['norm'] == norm and r['batch_size'] == b)
+            if metric == 'acc':
+                cell = f"{r['acc_mean']:.1f} ± {r['acc_std']:.1f}"
+                if r['diverged']:
+                    cell += f" ({r['diverged']} diverged)"
+            elif metric == 'step_move':
+                cell = f"{r['step_move']:.1e}"
+            elif metric == 'final_loss':
+                cell = f"{r['final_loss']:.3f}"
+            else:
+                cell = f'{r[metric]:.1f}'
+            cells.append(cell)
+        lines.append(f'| {LABELS[norm]} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines) + '\n'
+
+
+def plot_bench(rows, cfg, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    colors = {'bn': 'tab:gray', 'gn': 'tab:green', 'bcn': 'tab:orange', 'mabn': 'tab:purple',
+              'cbn': 'tab:blue', 'naive': 'tab:red', 'cbn_fullgrad': 'tab:cyan'}
+    fig, ax = plt.subplots(figsize=(5.6, 3.9))
+    for i, norm in enumerate(cfg.norms):
+        pts = [r for r in rows if r['norm'] == norm]
+        xs = [r['batch_size'] * (1 + 0.03 * (i - len(cfg.norms) / 2)) for r in pts]   # dodge overlaps
+        ax.errorbar(xs, [r['acc_mean'] for r in pts], yerr=[r['acc_std'] for r in pts], marker='o', ms=4,
+                    capsize=2, lw=1.3, color=colors.get(norm), label=LABELS[norm])
+    ax.set_xscale('log', base=2)
+    ax.set_xticks(list(cfg.batch_sizes))
+    ax.set_xticklabels([str(b) for b in cfg.batch_sizes])
+    ax.set_xlabel('batch size (same number of samples seen)')
+    ax.set_ylabel('test accuracy (%)')
+    ax.set_title(f'{cfg.dataset}: {cfg.epochs:g} epochs, mean ± std over {len(cfg.seeds)} seeds', fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _write_csv(path, rows):
+    with open(path, 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f'{v:.6g}' if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def run_bench(cfg, log=print):
+    """Train every (norm, batch size, seed); write CSV, Markdown table and plot to ``cfg.out``."""
+    torch.set_num_threads(cfg.threads)
+    os.makedirs(cfg.out, exist_ok=True)
+    data = load_dataset(cfg.dataset)
+    results = []
+    start = time.perf_counter()
+    for seed in cfg.seeds:
+        for b in cfg.batch_sizes:
+            for norm in cfg.norms:
+                r = train_one(cfg, data, norm, b, seed)
+                results.append(r)
+                log(f"[small_batch] {norm:>5} b={b:<2} seed={seed}: test {100 * r['test_acc']:.1f}% "
+                    f"train {100 * r['train_acc']:.1f}% ({r['iters']} it, {r['train_seconds']:.1f} s)")
+    total = time.perf_counter() - start
+    rows = _aggregate(results, cfg)
+    files = dict(runs=os.path.join(cfg.out, 'small_batch_runs.csv'),
+                 summary=os.path.join(cfg.out, 'small_batch_summary.csv'),
+                 table=os.path.join(cfg.out, 'small_batch_table.md'),
+                 plot=os.path.join(cfg.out, 'small_batch_acc.png'))
+    _write_csv(files['runs'], results)
+    _write_csv(files['summary'], rows)
+    with open(files['table'], 'w') as f:
+        f.write(f'Test accuracy (%) on {cfg.dataset}, mean ± std over seeds {list(cfg.seeds)}; '
+                f'{cfg.epochs:g} epochs per run; total {total:.0f} s.\n\n')
+        f.write(markdown_table(rows, cfg))
+        f.write('\nTraining loss (train mode, last 10% of iterations, mean over seeds):\n\n')
+        f.write(markdown_table(rows, cfg, 'final_loss'))
+        f.write('\nAccuracy on the training split in eval mode (%, mean over seeds):\n\n')
+        f.write(markdown_table(rows, cfg, 'train_acc'))
+        f.write('\nMean relative conv-weight change per iteration:\n\n')
+        f.write(markdown_table(rows, cfg, 'step_move'))
+        f.write('\nSettings: ' + ', '.join(f'{k}={v}' for k, v in asdict(cfg).items()) + '\n')
+    plot_bench(rows, cfg, files['plot'])
+    log(f'[small_batch] done in {total:.1f} s; wrote {sorted(files.values())}')
+    return dict(results=results, summary=rows, files=files, seconds=total)

@@ -1,0 +1,242 @@
+"""Reading what mmengine writes into a work_dir, and the CBN paper's results table.
+
+mmengine 0.10 writes, per run (``<work_dir>/<timestamp>/``):
+
+* training: ``vis_data/scalars.json`` (and the same lines in ``vis_data/<timestamp>.json``), one JSON
+  object per line: train entries (``loss``, ``lr``, ..., ``iter``, ``step``) and, after each validation,
+  the metrics (``coco/bbox_mAP``, ..., ``step`` = epoch);
+* testing (``tools/test.py``): ``<timestamp>.json``, a single JSON object with the test metrics.
+
+The numbers of a work_dir are its latest test metrics, or else the metrics of its last validation.
+"""
+import glob
+import json
+import os
+import os.path as osp
+import re
+
+__all__ = ['METRICS', 'PAPER_ROWS', 'read_scalars', 'read_train_losses', 'read_test_metrics',
+           'read_val_metrics', 'collect_metrics', 'identify_run', 'results_table']
+
+# (column, mmdet metric key); mmdet reports them in [0, 1], the paper in percent.
+METRICS = [('AP^b', 'coco/bbox_mAP'), ('AP^b_50', 'coco/bbox_mAP_50'), ('AP^b_75', 'coco/bbox_mAP_75'),
+           ('AP^m', 'coco/segm_mAP'), ('AP^m_50', 'coco/segm_mAP_50'), ('AP^m_75', 'coco/segm_mAP_75')]
+
+# Yao et al., "Cross-Iteration Batch Normalization", CVPR 2021: COCO val2017, 1x, R-50-FPN.
+PAPER_ROWS = [
+    ('Faster R-50-FPN', '–', (36.8, 57.9, 39.8, None, None, None)),
+    ('Faster R-50-FPN', 'SyncBN', (37.5, 58.4, 40.6, None, None, None)),
+    ('Faster R-50-FPN', 'GN', (37.7, 59.2, 41.2, None, None, None)),
+    ('Faster R-50-FPN', 'CBN', (37.6, 58.5, 40.9, None, None, None)),
+    ('Mask R-50-FPN', '–', (37.6, 58.5, 41.0, 34.0, 55.2, 36.2)),
+    ('Mask R-50-FPN', 'SyncBN', (38.5, 58.9, 42.0, 34.3, 55.7, 36.7)),
+    ('Mask R-50-FPN', 'GN', (38.5, 59.4, 41.8, 35.0, 56.4, 37.3)),
+    ('Mask R-50-FPN', 'CBN', (38.4, 58.9, 42.2, 34.7, 55.9, 37.0)),
+]
+
+_TIMESTAMP = re.compile(r'^\d{8}_\d{6}$')
+DASH = '–'
+
+
+# ------------------------------------------------------------------------------------ reading
+def _run_dirs(work_dir):
+    """The ``<timestamp>`` directories of a work_dir, oldest first."""
+    if not osp.isdir(work_dir):
+        return []
+    return sorted(d for d in os.listdir(work_dir) if _TIMESTAMP.match(d) and osp.isdir(osp.join(work_dir, d)))
+
+
+def _read_json_lines(path):
+    entries = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                continue    # a line being written right now
+    return entries
+
+
+def read_scalars(work_dir):
+    """All scalar entries of every training run in ``work_dir`` (resumed runs appended in order)."""
+    entries = []
+    for run in _run_dirs(work_dir):
+        path = osp.join(work_dir, run, 'vis_data', 'scalars.json')
+        if osp.isfile(path):
+            entries += _read_json_lines(path)
+    return entries
+
+
+def read_train_losses(work_dir):
+    """``{iteration: entry}`` of the training log entries (later runs win, e.g. after a resume)."""
+    losses = {}
+    for entry in read_scalars(work_dir):
+        if 'loss' in entry and 'iter' in entry:
+            losses[int(entry['iter'])] = entry
+    return dict(sorted(losses.items()))
+
+
+def _has_metrics(entry):
+    return isinstance(entry, dict) and any(key in entry for _, key in METRICS)
+
+
+def read_val_metrics(work_dir):
+    """The metrics of the last validation logged during training, or None."""
+    found = [e for e in read_scalars(work_dir) if _has_metrics(e)]
+    return found[-1] if found else None
+
+
+def read_test_metrics(work_dir):
+    """The metrics of the latest ``tools/test.py`` run in ``work_dir`` (``<ts>/<ts>.json``), or None."""
+    for run in reversed(_run_dirs(work_dir)):
+        path = osp.join(work_dir, run, f'{run}.json')
+        if not osp.isfile(path):
+            continue
+        with open(path) as f:
+            try:
+                entry = json.load(f)
+            except ValueError:
+                continue
+        if _has_metrics(entry):
+            return entry
+    return None
+
+
+def collect_metrics(work_dir):
+    """``(metrics dict, source)`` for a work_dir: its latest test metrics, else its last validation."""
+    test = read_test_metrics(work_dir)
+    if test is not None:
+        return test, 'test'
+    val = read_val_metrics(work_dir)
+    if val is not None:
+        return val, 'val'
+    return None, None
+
+
+# ------------------------------------------------------------------------------------ identifying
+_NORM_NAMES = {'CBN': 'CBN', 'SyncCBN': 'CBN', 'SyncBN': 'SyncBN', 'TorchSyncBN': 'SyncBN',
+               'MMSyncBN': 'SyncBN', 'GN': 'GN', 'BN': 'BN', 'BCN': 'BCN', 'MABN': 'MABN'}
+
+
+def _dumped_config(work_dir):
+    """The config mmengine dumped into the work_dir (``<work_dir>/<config name>.py``), or None."""
+    candidates = sorted(glob.glob(osp.join(work_dir, '*.py')), key=osp.getmtime)
+    if not candidates:
+        candidates = sorted(glob.glob(osp.join(work_dir, '*', 'vis_data', 'config.py')))
+    if not candidates:
+        return None
+    from mmengine.config import Config
+    try:
+        return Config.fromfile(candidates[-1], import_custom_modules=False)
+    except Exception:   # a config from another code version; fall back to the directory name
+        return None
+
+
+def _from_config(cfg):
+    model = cfg.get('model') or {}
+    kind = {'MaskRCNN': 'Mask', 'FasterRCNN': 'Faster'}.get(str(model.get('type')).split('.')[-1])
+    depth = (model.get('backbone') or {}).get('depth')
+    if kind is None or depth is None:
+        return None
+    norm_cfg = (model.get('neck') or {}).get('norm_cfg')
+    norm = DASH if not norm_cfg else _NORM_NAMES.get(norm_cfg.get('type'), str(norm_cfg.get('type')))
+    conv_cfg = (model.get('neck') or {}).get('conv_cfg')
+    if conv_cfg and conv_cfg.get('type') in ('WSConv', 'ConvWS'):
+        norm += '+WS'
+    return f'{kind} R-{depth}-FPN', norm
+
+
+def _from_name(name):
+    name = name.lower()
+    kind = 'Mask' if 'mask' in name else 'Faster' if 'faster' in name else None
+    depth = re.search(r'r(18|34|50|101|152)', name)
+    if kind is None or depth is None:
+        return None
+    tokens = re.split(r'[_\-.]', name)
+    if 'cbn' in tokens:
+        norm = 'CBN'
+    elif 'syncbn' in tokens:
+        norm = 'SyncBN'
+    elif 'bcn' in tokens:
+        norm = 'BCN+WS' if 'ws' in tokens else 'BCN'
+    elif 'gn' in tokens:
+        norm = 'GN+WS' if 'ws' in tokens else 'GN'
+    elif 'mabn' in tokens:
+        norm = 'MABN'
+    elif 'baseline' in tokens:
+        norm = DASH
+    else:
+        return None
+    return f'{kind} R-{depth.group(1)}-FPN', norm
+
+
+def identify_run(work_dir):
+    """``(model, norm)`` of a work_dir, e.g. ``('Mask R-50-FPN', 'CBN')``, from the config mmengine
+    dumped there, else from the directory name; None when neither tells."""
+    cfg = _dumped_config(work_dir)
+    found = _from_config(cfg) if cfg is not None else None
+    return found or _from_name(osp.basename(osp.normpath(work_dir)))
+
+
+# ------------------------------------------------------------------------------------ table
+def _fmt(value):
+    return DASH if value is None else f'{value:.1f}'
+
+
+def _percent(metrics, key):
+    value = (metrics or {}).get(key)
+    if value is None or value < 0:      # pycocotools writes -1 for "no such objects"
+        return None
+    return 100.0 * float(value)
+
+
+def _cell(ours, paper):
+    if paper is None:
+        return _fmt(ours) if ours is not None else ''
+    if ours is None:
+        return f'{DASH} / {paper:.1f}'
+    return f'{ours:.1f} / {paper:.1f} ({ours - paper:+.1f})'
+
+
+def results_table(work_dirs, warn=None):
+    """Markdown: the paper's 8 rows with our numbers (``ours / paper (ours − paper)``), plus runs that
+    are not rows of the paper's table. ``warn(message)`` receives notes (duplicates, unreadable dirs)."""
+    warn = warn or (lambda message: None)
+    runs = {}
+    others = []
+    for work_dir in work_dirs:
+        metrics, source = collect_metrics(work_dir)
+        if metrics is None:
+            warn(f'{work_dir}: no test or validation metrics found')
+            continue
+        row = identify_run(work_dir)
+        entry = (work_dir, source, metrics)
+        if row is None or row not in {(m, n) for m, n, _ in PAPER_ROWS}:
+            others.append((row, entry))
+            continue
+        if row in runs:
+            warn(f'{work_dir} and {runs[row][0]} are both {row[0]} / {row[1]}: using {work_dir}')
+        runs[row] = entry
+
+    header = '| model | norm | ' + ' | '.join(col for col, _ in METRICS) + ' |'
+    rule = '|---|---|' + '---|' * len(METRICS)
+    lines = ['Cells: ours / paper (ours − paper), COCO AP in %. Paper: Yao et al., CVPR 2021, '
+             'R-50-FPN 1x on COCO val2017.', '', header, rule]
+    for model, norm, paper in PAPER_ROWS:
+        metrics = runs.get((model, norm), (None, None, None))[2]
+        cells = [_cell(_percent(metrics, key), p) for (_, key), p in zip(METRICS, paper)]
+        lines.append(f'| {model} | {norm} | ' + ' | '.join(cells) + ' |')
+    if runs:
+        lines += ['', 'Sources:']
+        for (model, norm), (work_dir, source, _) in runs.items():
+            lines.append(f'- {model} / {norm}: `{work_dir}` ({source} metrics)')
+    if others:
+        lines += ['', 'Other runs (not rows of the paper table):', '', header, rule]
+        for row, (work_dir, source, metrics) in others:
+            model, norm = row if row else (f'`{osp.basename(osp.normpath(work_dir))}`', '?')
+            cells = [_fmt(_percent(metrics, key)) for _, key in METRICS]
+            lines.append(f'| {model} | {norm} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines) + '\n'

@@ -1,0 +1,58 @@
+"""Small-batch classification benchmark: BN, GN, BCN, MABN, CBN and naive CBN on the 8x8 digits.
+
+Trains the same small CNN with every norm at several batch sizes and seeds (same number of samples
+seen per run), then writes a Markdown table, a CSV and a plot of test accuracy vs batch size to
+``--out``. See docs/fidelity.md.
+
+    python tools/analysis/small_batch_bench.py               # the documented run (< 15 min, 2 cores)
+    python tools/analysis/small_batch_bench.py --quick --dataset synthetic --out /tmp/sb
+"""
+import argparse
+
+from cbn_mmdet.analysis.data import DATASETS
+from cbn_mmdet.analysis.nets import NORMS
+from cbn_mmdet.analysis.small_batch import BenchConfig, run_bench
+
+
+def _ints(text):
+    return tuple(int(v) for v in text.split(','))
+
+
+def _norms(text):
+    norms = tuple(text.split(','))
+    unknown = [n for n in norms if n not in NORMS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f'unknown norm(s) {unknown}; choose from {NORMS}')
+    return norms
+
+
+def parse_args(argv=None):
+    d = BenchConfig()
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--out', default=d.out, help='output folder (default: %(default)s)')
+    p.add_argument('--dataset', default=d.dataset, choices=DATASETS)
+    p.add_argument('--norms', type=_norms, help=f'comma-separated subset of {NORMS}')
+    p.add_argument('--batch-sizes', type=_ints, help=f'default: {d.batch_sizes}')
+    p.add_argument('--seeds', type=_ints, help=f'default: {d.seeds}')
+    p.add_argument('--epochs', type=float, help=f'passes over the training split per run (default: {d.epochs})')
+    p.add_argument('--base-lr', type=float, help=f'lr at batch --base-batch, scaled linearly (default: {d.base_lr})')
+    p.add_argument('--base-batch', type=int, help=f'default: {d.base_batch}')
+    p.add_argument('--cbn-buffer', type=int, help=f'CBN buffer_num (default: {d.cbn_buffer})')
+    p.add_argument('--cbn-burnin', type=int, help=f'CBN burn-in in training forwards (default: {d.cbn_burnin})')
+    p.add_argument('--threads', type=int, help=f'torch threads (default: {d.threads})')
+    p.add_argument('--quick', action='store_true', help='a tiny run (for tests and smoke checks)')
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    names = {'norms', 'batch_sizes', 'seeds', 'epochs', 'base_lr', 'base_batch', 'cbn_buffer', 'cbn_burnin',
+             'threads'}
+    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    overrides.update(out=args.out, dataset=args.dataset)
+    cfg = BenchConfig.quick(**overrides) if args.quick else BenchConfig(**overrides)
+    return run_bench(cfg)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,55 @@
+"""Statistics error of BN, naive cross-iteration averaging and CBN against large-batch statistics.
+
+Trains a small conv net on the 8x8 digits (global batch 16 per SGD step, BN per "GPU" chunk of b images,
+as data-parallel detector training without SyncBN) and, at chosen iterations, compares per
+layer the mean/variance each estimator would use with the statistics of a 256-image reference set at
+the current weights. Writes CSVs, a Markdown summary and PNG plots to ``--out``. See docs/fidelity.md.
+
+    python tools/analysis/stats_error.py                     # the documented run (a few minutes, 2 cores)
+    python tools/analysis/stats_error.py --quick --dataset synthetic --out /tmp/se
+"""
+import argparse
+
+from cbn_mmdet.analysis.data import DATASETS
+from cbn_mmdet.analysis.stats_error import StatsErrorConfig, run_stats_error
+
+
+def _ints(text):
+    return tuple(int(v) for v in text.split(','))
+
+
+def _floats(text):
+    return tuple(float(v) for v in text.split(','))
+
+
+def parse_args(argv=None):
+    d = StatsErrorConfig()
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--out', default=d.out, help='output folder (default: %(default)s)')
+    p.add_argument('--dataset', default=d.dataset, choices=DATASETS)
+    p.add_argument('--batch-sizes', type=_ints, help=f'comma-separated (default: {d.batch_sizes})')
+    p.add_argument('--global-batch', type=int,
+                   help=f'images per SGD step, BN per chunk of --batch-sizes (default: {d.global_batch})')
+    p.add_argument('--windows', type=_ints, help=f'window sizes k = buffer_num + 1 (default: {d.windows})')
+    p.add_argument('--seeds', type=_ints, help=f'default: {d.seeds}')
+    p.add_argument('--iters', type=int, help=f'training iterations per trajectory (default: {d.iters})')
+    p.add_argument('--num-evals', type=int, help=f'evaluation iterations per trajectory (default: {d.num_evals})')
+    p.add_argument('--lr', type=float, help=f'learning rate of the main sweep (default: {d.lr})')
+    p.add_argument('--lr-sweep', type=_floats, help=f'extra learning rates at --lr-sweep-batch (default: {d.lr_sweep})')
+    p.add_argument('--lr-sweep-batch', type=int, help=f'default: {d.lr_sweep_batch}')
+    p.add_argument('--threads', type=int, help=f'torch threads (default: {d.threads})')
+    p.add_argument('--quick', action='store_true', help='a tiny run (for tests and smoke checks)')
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    names = {'batch_sizes', 'global_batch', 'windows', 'seeds', 'iters', 'num_evals', 'lr', 'lr_sweep', 'lr_sweep_batch', 'threads'}
+    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    overrides.update(out=args.out, dataset=args.dataset)
+    cfg = StatsErrorConfig.quick(**overrides) if args.quick else StatsErrorConfig(**overrides)
+    return run_stats_error(cfg)
+
+
+if __name__ == '__main__':
+    main()
