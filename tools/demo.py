@@ -9,7 +9,10 @@ cores; writes results.md, results.json and loss_curves.png into the work dir. Th
 """
 import os.path as osp
 import sys
+import warnings
 
+# setuptools<82 (needed by mmengine/mmcv) warns about pkg_resources on every import: keep the console readable
+warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))   # run from a checkout, uninstalled
 
 from cbn_mmdet.apis.demo import main  # noqa: E402

@@ -87,8 +87,9 @@ def train_one(cfg, data, norm, batch_size, seed):
     total = max(1, int(round(cfg.epochs * x_train.shape[0] / batch_size)))
     gen = torch.Generator().manual_seed(20_000 + seed)
     order, pos = torch.randperm(x_train.shape[0], generator=gen), 0
-    losses, moves = [], []
+    losses, moves, cosines = [], [], []
     convs = list(net.convs)
+    start_norms = [c.weight.detach().norm().item() for c in convs]
     start = time.perf_counter()
     net.train()
     for it in range(total):
@@ -103,6 +104,12 @@ def train_one(cfg, data, norm, batch_size, seed):
         loss.backward()
         with torch.no_grad():
             before = [c.weight.clone() for c in convs]
+            if it % 10 == 0 and it >= total // 10:
+                # A norm layer that makes the loss invariant to the conv weight's scale gives cos = 0 (the
+                # gradient is orthogonal to W); anything else changes |W| at first order in the lr.
+                cosines.append(float(np.mean([
+                    ((c.weight * c.weight.grad).sum() / (c.weight.norm() * c.weight.grad.norm()).clamp_min(1e-30)).item()
+                    for c in convs])))
         opt.step()
         losses.append(loss.item())
         with torch.no_grad():   # relative conv-weight change of this step (how far a window reaches back)
@@ -113,6 +120,8 @@ def train_one(cfg, data, norm, batch_size, seed):
                   test_acc=_accuracy(net, x_test, y_test), train_acc=_accuracy(net, x_train, y_train),
                   final_loss=float(np.mean(losses[-max(1, total // 10):])), diverged=diverged,
                   step_move=float(np.mean(moves)),
+                  weight_growth=float(np.mean([c.weight.detach().norm().item() / n for c, n in zip(convs, start_norms)])),
+                  cos_w_grad=float(np.mean(cosines)) if cosines else float('nan'),
                   train_seconds=train_seconds, ms_per_iter=1e3 * train_seconds / total)
     fallbacks = [int(m.num_fallbacks) for m in net.norms if hasattr(m, 'num_fallbacks')]
     result['cbn_fallbacks'] = sum(fallbacks) if fallbacks else ''
@@ -132,6 +141,8 @@ def _aggregate(results, cfg):
                              ms_per_iter=float(np.mean([r['ms_per_iter'] for r in runs])),
                              step_move=float(np.mean([r['step_move'] for r in runs])),
                              final_loss=float(np.mean([r['final_loss'] for r in runs])),
+                             weight_growth=float(np.mean([r['weight_growth'] for r in runs])),
+                             cos_w_grad=float(np.mean([r['cos_w_grad'] for r in runs])),
                              diverged=sum(r['diverged'] for r in runs)))
     return rows
 
@@ -141,7 +152,9 @@ def markdown_table(rows, cfg, metric='acc'):
 
     ``metric``: ``'acc'`` (test accuracy %, mean ± std over seeds), ``'train_acc'`` (eval-mode accuracy
     on the training split, %), ``'final_loss'`` (training loss over the last 10% of iterations, train
-    mode) or ``'step_move'`` (mean relative conv-weight change per iteration).
+    mode), ``'step_move'`` (mean relative conv-weight change per iteration), ``'weight_growth'``
+    (final / initial conv-weight norm) or ``'cos_w_grad'`` (mean cosine between a conv weight and its
+    loss gradient).
     """
     header = '| norm | ' + ' | '.join(f'b={b}' for b in cfg.batch_sizes) + ' |'
     lines = [header, '|' + '---|' * (len(cfg.batch_sizes) + 1)]
@@ -155,8 +168,10 @@ def markdown_table(rows, cfg, metric='acc'):
                     cell += f" ({r['diverged']} diverged)"
             elif metric == 'step_move':
                 cell = f"{r['step_move']:.1e}"
-            elif metric == 'final_loss':
-                cell = f"{r['final_loss']:.3f}"
+            elif metric in ('final_loss', 'cos_w_grad'):
+                cell = f"{r[metric]:.3f}"
+            elif metric == 'weight_growth':
+                cell = f"{r[metric]:.2f}"
             else:
                 cell = f'{r[metric]:.1f}'
             cells.append(cell)
@@ -171,20 +186,25 @@ def plot_bench(rows, cfg, path):
 
     colors = {'bn': 'tab:gray', 'gn': 'tab:green', 'bcn': 'tab:orange', 'mabn': 'tab:purple',
               'cbn': 'tab:blue', 'naive': 'tab:red', 'cbn_fullgrad': 'tab:cyan'}
-    fig, ax = plt.subplots(figsize=(5.6, 3.9))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10.5, 4.0))
     for i, norm in enumerate(cfg.norms):
         pts = [r for r in rows if r['norm'] == norm]
         xs = [r['batch_size'] * (1 + 0.03 * (i - len(cfg.norms) / 2)) for r in pts]   # dodge overlaps
         ax.errorbar(xs, [r['acc_mean'] for r in pts], yerr=[r['acc_std'] for r in pts], marker='o', ms=4,
                     capsize=2, lw=1.3, color=colors.get(norm), label=LABELS[norm])
-    ax.set_xscale('log', base=2)
-    ax.set_xticks(list(cfg.batch_sizes))
-    ax.set_xticklabels([str(b) for b in cfg.batch_sizes])
-    ax.set_xlabel('batch size (same number of samples seen)')
+        ax2.plot(xs, [r['weight_growth'] for r in pts], marker='o', ms=4, lw=1.3, color=colors.get(norm),
+                 label=LABELS[norm])
+    for axis in (ax, ax2):
+        axis.set_xscale('log', base=2)
+        axis.set_xticks(list(cfg.batch_sizes))
+        axis.set_xticklabels([str(b) for b in cfg.batch_sizes])
+        axis.set_xlabel('batch size (same number of samples seen)')
+        axis.grid(alpha=0.3)
     ax.set_ylabel('test accuracy (%)')
     ax.set_title(f'{cfg.dataset}: {cfg.epochs:g} epochs, mean ± std over {len(cfg.seeds)} seeds', fontsize=9)
-    ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    ax2.set_ylabel('conv-weight norm, end / start')
+    ax2.set_title('weight-norm growth (larger = smaller effective lr)', fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -231,6 +251,11 @@ def run_bench(cfg, log=print):
         f.write(markdown_table(rows, cfg, 'train_acc'))
         f.write('\nMean relative conv-weight change per iteration:\n\n')
         f.write(markdown_table(rows, cfg, 'step_move'))
+        f.write('\nConv-weight norm at the end / at the start (mean over the 4 convs and seeds):\n\n')
+        f.write(markdown_table(rows, cfg, 'weight_growth'))
+        f.write('\nMean cosine between a conv weight and its loss gradient (every 10th step after the first '
+                '10%; 0 = scale-invariant):\n\n')
+        f.write(markdown_table(rows, cfg, 'cos_w_grad'))
         f.write('\nSettings: ' + ', '.join(f'{k}={v}' for k, v in asdict(cfg).items()) + '\n')
     plot_bench(rows, cfg, files['plot'])
     log(f'[small_batch] done in {total:.1f} s; wrote {sorted(files.values())}')

@@ -60,8 +60,8 @@ class StatsErrorConfig:
     global_batch: int = 16                        # images per SGD step (a multiple of every b)
     windows: tuple = (1, 2, 3, 4, 5, 6, 7, 8)     # k = buffer_num + 1
     seeds: tuple = (0, 1, 2)
-    iters: int = 600
-    num_evals: int = 12
+    iters: int = 500
+    num_evals: int = 10
     eval_start: int = 30
     lr: float = 0.1                               # for the global batch
     momentum: float = 0.9
@@ -365,9 +365,12 @@ def markdown_summary(cfg, summary_main, summary_lr, drift_layers, phases, infos,
     """The study's key numbers as Markdown tables (mean ± s.e.m. over seeds)."""
     names = ('bn', 'naive', 'cbn', 'cbn_mean_only', 'own_layer', 'recompute')
     lines = [f'# Statistics error study ({cfg.dataset}; seeds {list(cfg.seeds)}; {seconds:.0f} s)', '',
+             f'Training: {cfg.iters} SGD steps of a global batch of {cfg.global_batch} images (lr {cfg.lr:g} unless '
+             'swept), BN per chunk of b images (per-GPU BN of data-parallel training); the estimators see chunk 0. '
+             f'Reference set: {cfg.ref_size} held-out images. '
              'Errors averaged over channels, the 4 conv layers and the evaluation iterations, then over seeds '
              '(± standard error over seeds). mean error = |mu_hat - mu|/sigma, variance error = '
-             '|s2_hat - s2|/s2, against the statistics of a 256-image reference set at the current weights.', '']
+             '|s2_hat - s2|/s2, against the reference statistics at the current weights.', '']
     for metric, title in (('mean_err', 'mean error'), ('var_err', 'variance error')):
         for k in sorted({k for k in (2, 4, max(cfg.windows)) if k in cfg.windows}):
             lines += [f'## {title}, window k={k} (buffer_num={k - 1}), lr {cfg.lr:g}', '',

@@ -18,6 +18,8 @@ BibTeX::
     @inproceedings{yao2021cbn, title={Cross-Iteration Batch Normalization}, author={Yao, Zhuliang and
       Cao, Yue and Zheng, Shuxin and Huang, Gao and Lin, Stephen}, booktitle={CVPR}, year={2021}}
 """
+import math
+import numbers
 import warnings
 
 import torch
@@ -28,7 +30,8 @@ from ._validate import (check_eps, check_finite, check_input_dim, check_non_nega
                         check_positive_int, check_unit_interval)
 from .cbn_binding import CBNBindError, queue_for_binding
 from .cbn_normalise import cbn_normalise
-from .cbn_stat_grads import conv_output_size, mean_input_patch, second_moment_weight_grad
+from .cbn_stat_grads import (conv_output_size, mean_input_patch, sampled_second_moment_weight_grad,
+                             second_moment_weight_grad)
 from .distributed import get_world_size, sync_weighted_mean
 
 __all__ = ['CrossIterationBatchNorm2d', 'SyncCrossIterationBatchNorm2d']
@@ -73,6 +76,13 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         eps_inside_sqrt (bool): normalise by ``sqrt(var + eps)`` like torch BN. Default: False (official).
         unbiased_plain_var (bool): the plain path normalises with the unbiased variance (official).
             ``False`` uses the biased variance like torch BN. Default: True.
+        stat_grad_sample (float | None): opt-in fast mode, beyond the paper. ``None`` (default): the exact
+            ``∂ν/∂W`` (one extra conv weight-gradient per layer per step). A fraction in (0, 1]: estimate it
+            from about that fraction of the output positions, a strided grid ``rh × rw`` with
+            ``rh·rw = round(1/stat_grad_sample)`` whose offset cycles over the grid from step to step
+            (``0.25``: every other row and column, 4× cheaper). Only the slope used to compensate *past*
+            entries is estimated; the current statistics, ``∂μ/∂W`` and all gradients stay exact. See
+            ``docs/cbn.md`` ("Fast mode") for when the added error is negligible.
 
     Shape:
         - Input: ``(N, C, H, W)``; ``N = 0`` gives an empty output. Output: same shape.
@@ -88,7 +98,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, *,
                  buffer_num=0, rho=1.0, burnin=0, sync=False, process_group=None,
-                 eps_inside_sqrt=False, unbiased_plain_var=True, device=None, dtype=None):
+                 eps_inside_sqrt=False, unbiased_plain_var=True, stat_grad_sample=None, device=None,
+                 dtype=None):
         num_features = check_positive_int('num_features', num_features, _OWNER)
         eps = check_eps(eps, _OWNER)
         momentum = check_unit_interval('momentum', momentum, _OWNER, allow_none=True)
@@ -100,6 +111,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self.process_group = process_group
         self.eps_inside_sqrt = bool(eps_inside_sqrt)
         self.unbiased_plain_var = bool(unbiased_plain_var)
+        self.stat_grad_sample = _check_sample_fraction(stat_grad_sample)
+        self._sample_step = _sample_step(self.stat_grad_sample)
         # Switched off during an epoch-based burn-in by CBNBurnInHook (re-derived from the epoch each
         # epoch, so it needs no checkpointing).
         self.window_enabled = True
@@ -124,6 +137,12 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self._conv_input = None       # the bound conv's latest input, consumed by the next forward
         self._bind_error = None
         self._layer_name = None
+        # Per-entry offsets Σ_k W_τ·∂μ_τ/∂W and Σ_k W_τ·∂ν_τ/∂W (derived from the window buffers, so not
+        # state): the compensation then never reads the stored weights. See _window_offsets.
+        self._offsets = None
+        # One reusable weight-sized work tensor: fresh multi-MB temporaries each step cost page faults
+        # that are a visible share of a small conv's time on CPU.
+        self._work = None
         if self.buffer_num > 0:
             queue_for_binding(self)
 
@@ -221,8 +240,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self._iter_shadow = int(self.iter_count)
 
     def extra_repr(self):
-        return (super().extra_repr() + f', buffer_num={self.buffer_num}, rho={self.rho}, '
+        text = (super().extra_repr() + f', buffer_num={self.buffer_num}, rho={self.rho}, '
                 f'burnin={self.burnin}, sync={self.sync}, eps_inside_sqrt={self.eps_inside_sqrt}')
+        if self.stat_grad_sample is not None:
+            text += f', stat_grad_sample={self.stat_grad_sample}'
+        return text
 
     # ------------------------------------------------------------------ forward
     def _check_input_dim(self, input):
@@ -414,8 +436,13 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                         f'conv (conv input {tuple(inp.shape)}); is the norm really fed by that conv?')
                 patch = mean_input_patch(inp, conv.kernel_size, conv.stride, conv.padding, conv.dilation)
                 mean_grad = patch.reshape(conv.groups, -1)
-                sq_grad = second_moment_weight_grad(inp, xs.detach(), weight_t.shape, conv.stride,
-                                                    conv.padding, conv.dilation, conv.groups)
+                geometry = (weight_t.shape, conv.stride, conv.padding, conv.dilation, conv.groups)
+                if self._sample_step is None:
+                    sq_grad = second_moment_weight_grad(inp, xs.detach(), *geometry)
+                else:
+                    step, phase = self._sample_grid(xs.shape[2:])
+                    sq_grad = sampled_second_moment_weight_grad(inp, xs.detach(), *geometry, step=step,
+                                                                phase=phase)
             return weight_t, mean_grad, sq_grad, conv.groups
         if weight is None:
             raise CBNBindError(f'{self._display_name()}: the bound conv did not run before this layer '
@@ -458,14 +485,74 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         kept = torch.where(none_kept, torch.ones_like(kept), kept)
         return kept_t / kept, past_mean_sum / kept, past_sq_sum / kept
 
+    def _sample_grid(self, out_size):
+        """``(step, phase)`` of the fast mode for an output map ``out_size``: the grid is clamped to the
+        map, and its offset cycles over the grid with the training-forward counter (host side)."""
+        rh, rw = (min(r, max(int(n), 1)) for r, n in zip(self._sample_step, out_size))
+        a, b = divmod(self._iter_shadow % (rh * rw), rw)
+        return (rh, rw), (a, b)
+
     def _compensated_window(self, weight_t, dtype):
+        """Every stored entry moved to ``weight_t``: ``(μ_τ(W_t), ν_τ(W_t))``, each ``(n, C)``.
+
+        ``Σ_k (W_t − W_τ)·g_τ = Σ_k W_t·g_τ − Σ_k W_τ·g_τ`` with the second sum precomputed per entry (see
+        ``_window_offsets``): one pass over the stored ``∂ν/∂W`` and none over the stored weights, instead
+        of materialising ``W_t − W_τ`` for the whole window.
+        """
         n, c = self.window_mean.shape
-        delta = (weight_t.unsqueeze(0) - self.window_weight.to(dtype)).reshape(n, c, -1)   # (n, C, K)
-        groups = self.window_mean_grad.shape[1]
-        delta_g = delta.reshape(n, groups, c // groups, -1)
-        d_mean = torch.einsum('ngok,ngk->ngo', delta_g, self.window_mean_grad.to(dtype)).reshape(n, c)
-        d_sq = (delta * self.window_sq_grad.to(dtype).reshape(n, c, -1)).sum(-1)
-        return self.window_mean.to(dtype) + self.rho * d_mean, self.window_sq.to(dtype) + self.rho * d_sq
+        mean_off, sq_off = self._window_offsets(dtype)
+        w = weight_t.to(dtype).reshape(c, -1)
+        mean_grad = self.window_mean_grad.to(dtype)                                   # (n, groups, K)
+        groups = mean_grad.shape[1]
+        # Σ_k W_t[c, k]·∂μ_τ/∂W[g(c), k]: (groups, n, K) @ (groups, K, C/groups), a tiny product.
+        mean_dot = torch.bmm(mean_grad.transpose(0, 1), w.view(groups, c // groups, -1).transpose(1, 2))
+        mean_dot = mean_dot.transpose(0, 1).reshape(n, c)
+        sq_grads = self.window_sq_grad.to(dtype).reshape(n, c, -1)
+        work = self._work_tensor(w.shape, dtype, w.device)
+        sq_dot = torch.stack([torch.mul(sq_grads[j], w, out=work).sum(-1) for j in range(n)])   # (n, C)
+        return (self.window_mean.to(dtype) + self.rho * (mean_dot - mean_off),
+                self.window_sq.to(dtype) + self.rho * (sq_dot - sq_off))
+
+    def _work_tensor(self, shape, dtype, device):
+        """A scratch tensor of ``shape`` (a view of the layer's reusable work storage)."""
+        numel = math.prod(shape)
+        work = self._work
+        if work is None or work.numel() < numel or work.dtype != dtype or work.device != device:
+            work = self._work = torch.empty(numel, dtype=dtype, device=device)
+        return work[:numel].view(shape)
+
+    def _entry_offsets(self, weight, mean_grad, sq_grad, dtype):
+        """``(Σ_k W[c,k]·∂μ/∂W[g(c),k], Σ_k W[c,k]·∂ν/∂W[c,k])`` of one entry, each ``(C,)``.
+
+        Always called on freshly allocated, contiguous tensors (see ``_window_offsets``), so an offset
+        recomputed from a loaded checkpoint is bit-identical to the one computed when the entry was pushed.
+        """
+        c, groups = weight.shape[0], mean_grad.shape[0]
+        w = weight.to(dtype).reshape(c, -1)
+        mean_off = torch.bmm(w.view(groups, c // groups, -1), mean_grad.to(dtype).view(groups, -1, 1)).reshape(c)
+        work = self._work_tensor(w.shape, dtype, w.device)
+        sq_off = torch.mul(w, sq_grad.to(dtype).reshape(c, -1), out=work).sum(-1)
+        return mean_off, sq_off
+
+    def _offsets_stamp(self, dtype):
+        # Host-side identity of the window buffers: any in-place write (a push, load_state_dict, a user's
+        # edit) bumps a tensor's _version, and .to()/.half() replace the tensors; no device sync.
+        return (dtype,) + tuple((t.data_ptr(), t._version, t.dtype, t.device)
+                                for t in (self.window_weight, self.window_mean_grad, self.window_sq_grad))
+
+    def _window_offsets(self, dtype):
+        """The per-entry offsets ``(n, C)`` of the current window buffers, recomputed only when stale."""
+        stamp = self._offsets_stamp(dtype)
+        if self._offsets is None or self._offsets[0] != stamp:
+            rows = []
+            for j in range(self.buffer_num):
+                index = torch.tensor([j], device=self.window_weight.device)
+                rows.append(self._entry_offsets(*(self._buffers[name].index_select(0, index)[0]
+                                                  for name in _CONV_SHAPED_BUFFERS), dtype))
+            mean_off = torch.stack([r[0] for r in rows])
+            sq_off = torch.stack([r[1] for r in rows])
+            self._offsets = (stamp, mean_off, sq_off)
+        return self._offsets[1], self._offsets[2]
 
     @torch.no_grad()
     def _push(self, weight_t, mean_t, sq_t, mean_grad, sq_grad, groups, valid=None):
@@ -477,13 +564,31 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         """
         self._materialise(weight_t.shape, groups, mean_grad.shape[-1])
         slot = self.window_head.view(1)
+        dtype = mean_t.dtype
+        offsets_fresh = self._offsets is not None and self._offsets[0] == self._offsets_stamp(dtype)
+        stored = {}
         for name, value in (('window_weight', weight_t), ('window_mean_grad', mean_grad),
                             ('window_sq_grad', sq_grad), ('window_mean', mean_t), ('window_sq', sq_t)):
             buf = self._buffers[name]
-            value = value.unsqueeze(0).to(buf.dtype)
-            if valid is not None:
-                value = torch.where(valid, value, buf.index_select(0, slot))
+            stored[name] = value = value.to(buf.dtype).contiguous()
+            value = value.unsqueeze(0)
+            if valid is not None:   # keep the slot's old content unless valid, without a host read
+                keep = self._work_tensor(value.shape, buf.dtype, buf.device)
+                torch.index_select(buf, 0, slot, out=keep)
+                value = torch.where(valid, value, keep, out=keep)
             buf.index_copy_(0, slot, value)
+        if offsets_fresh:
+            # The new entry's offsets from the values as stored (their dtype), written like the entry.
+            _, mean_off, sq_off = self._offsets
+            new = self._entry_offsets(*(stored[name] for name in _CONV_SHAPED_BUFFERS), dtype)
+            for table, value in zip((mean_off, sq_off), new):
+                value = value.unsqueeze(0)
+                if valid is not None:
+                    value = torch.where(valid, value, table.index_select(0, slot))
+                table.index_copy_(0, slot, value)
+            self._offsets = (self._offsets_stamp(dtype), mean_off, sq_off)
+        else:
+            self._offsets = None       # recomputed from the buffers at the next compensation
         if valid is None:
             self.window_filled.index_fill_(0, slot, True)
             self.window_head.copy_((self.window_head + 1) % self.buffer_num)
@@ -502,6 +607,26 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             elif tuple(buf.shape) != shape:
                 raise RuntimeError(f'{self._display_name()}: {name} has shape {tuple(buf.shape)} but the '
                                    f'conv needs {shape}; was a checkpoint of another model loaded?')
+
+
+def _check_sample_fraction(value):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f'{_OWNER}: stat_grad_sample must be None or a float in (0, 1], got {value!r} '
+                        f'({type(value).__name__})')
+    if not (math.isfinite(value) and 0.0 < value <= 1.0):
+        raise ValueError(f'{_OWNER}: stat_grad_sample must be None or a float in (0, 1], got {value!r}')
+    return float(value)
+
+
+def _sample_step(fraction):
+    """``(rh, rw)`` with ``rh·rw = round(1/fraction)``, as square as possible; ``None`` = exact."""
+    if fraction is None:
+        return None
+    total = max(1, round(1.0 / fraction))
+    rh = max(d for d in range(1, math.isqrt(total) + 1) if total % d == 0)
+    return rh, total // rh
 
 
 class SyncCrossIterationBatchNorm2d(CrossIterationBatchNorm2d, _BatchNorm):

@@ -1,0 +1,173 @@
+"""Whole-detector training-step benchmark: Mask R-CNN R-50-FPN with each norm of the CBN paper.
+
+Needs mmdet/mmengine/mmcv (imported here only; ``cbn_mmdet.benchmark`` itself does not import this module).
+Every model is built from ``configs/cbn/`` — the paper's detector with the norm in the FPN, the 4conv1fc box
+head and the 4-conv mask head — with the backbone's ``init_cfg`` dropped (no download; random weights do
+not change the cost). All models see the same two images and the same ground truth, with the same seed
+before each step so that RoI sampling is as alike as the models allow (the RoI counts are reported).
+Steps of the models are interleaved (one step of each model per round, the order rotated) after a
+warm-up that fills CBN's window, and the median is reported. A step is data preprocessing, forward with
+losses, backward and an SGD step.
+"""
+import copy
+import os
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+
+from ..ops import CrossIterationBatchNorm2d, bind_cbn_convs
+from .memory import peak_step_bytes
+from .official_cbn import OfficialAlgorithmCBN
+
+__all__ = ['MODEL_VARIANTS', 'DEFAULT_VARIANTS', 'build_detector', 'run_model_benchmark']
+
+_ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..'))
+_CFG = os.path.join(_ROOT, 'configs', 'cbn', 'mask_rcnn_r50_fpn_{}_1x.py')
+
+# name -> (paper config, modification); 'BN' is derived from the SyncBN config with type='BN'.
+MODEL_VARIANTS = {
+    'baseline': ('baseline', None),
+    'BN': ('syncbn', 'bn'),
+    'SyncBN': ('syncbn', None),
+    'GN': ('gn', None),
+    'CBN': ('cbn_buffer3_burnin8', None),
+    'CBN-fast': ('cbn_buffer3_burnin8', 'fast'),
+    'CBN-official': ('cbn_buffer3_burnin8', 'official'),
+}
+DEFAULT_VARIANTS = tuple(MODEL_VARIANTS)
+FAST_SAMPLE = 0.25
+
+
+class _OfficialCBNAdapter(nn.Module):
+    """Calls :class:`OfficialAlgorithmCBN` with the weight of the conv that a CBN layer was bound to."""
+
+    def __init__(self, cbn, conv):
+        super().__init__()
+        self.cbn = OfficialAlgorithmCBN(cbn.num_features, buffer_num=cbn.buffer_num, rho=cbn.rho,
+                                        burnin=cbn.burnin, eps=cbn.eps, momentum=cbn.momentum)
+        self._conv = (conv,)      # a tuple: not a submodule (the conv is owned by its parent)
+        if cbn.is_bound:          # the replaced layer must no longer capture the conv's input
+            cbn._binding[1].remove()
+
+    def forward(self, x):
+        return self.cbn(x, self._conv[0].weight)
+
+
+def _set_norm(cfg, norm_cfg):
+    cfg.model.neck.norm_cfg = norm_cfg
+    cfg.model.roi_head.bbox_head.norm_cfg = copy.deepcopy(norm_cfg)
+    cfg.model.roi_head.mask_head.norm_cfg = copy.deepcopy(norm_cfg)
+
+
+def build_detector(variant, device='cpu'):
+    """The detector of ``variant`` (see ``MODEL_VARIANTS``), in train mode, on ``device``."""
+    from mmdet.registry import MODELS
+    from mmengine.config import Config
+    config, change = MODEL_VARIANTS[variant]
+    cfg = Config.fromfile(_CFG.format(config))
+    cfg.model.backbone.init_cfg = None
+    if change == 'bn':
+        _set_norm(cfg, dict(type='BN', requires_grad=True))
+    elif change == 'fast':
+        norm_cfg = copy.deepcopy(cfg.model.neck.norm_cfg)
+        norm_cfg['stat_grad_sample'] = FAST_SAMPLE
+        _set_norm(cfg, norm_cfg)
+    model = MODELS.build(cfg.model)
+    if change == 'official':
+        bound = bind_cbn_convs(model)
+        for name, conv in bound.items():
+            parent_name, _, child = name.rpartition('.')
+            parent = model.get_submodule(parent_name)
+            setattr(parent, child, _OfficialCBNAdapter(getattr(parent, child), conv))
+        assert not any(isinstance(m, CrossIterationBatchNorm2d) and m.buffer_num for m in model.modules())
+    return model.to(device).train()
+
+
+def _inputs(device):
+    from mmdet.testing import demo_mm_inputs
+    torch.manual_seed(0)
+    return demo_mm_inputs(2, [[3, 320, 480], [3, 320, 480]], num_items=[8, 8], num_classes=80, with_mask=True,
+                          device=device)
+
+
+class _RoICounter:
+    """Counts the RoIs that reach the box and mask heads (to show that the workloads are alike)."""
+
+    def __init__(self, model):
+        self.box, self.mask = [], []
+        model.roi_head.bbox_head.register_forward_pre_hook(lambda m, a: self.box.append(a[0].shape[0]))
+        model.roi_head.mask_head.register_forward_pre_hook(lambda m, a: self.mask.append(a[0].shape[0]))
+
+
+def run_model_benchmark(variants=DEFAULT_VARIANTS, repeats=3, warmup=4, device='cpu', measure_peak=True,
+                        log=None):
+    """Return ``{variant: dict(times_s, peak_bytes, box_rois, mask_rois, params)}``."""
+    from mmdet.utils import register_all_modules
+    import cbn_mmdet  # noqa: F401  (registers the layers)
+    register_all_modules()
+    packed = _inputs(device)
+    models, optims, counters = {}, {}, {}
+    for name in variants:
+        torch.manual_seed(0)
+        models[name] = build_detector(name, device)
+        optims[name] = torch.optim.SGD(models[name].parameters(), lr=1e-4, momentum=0.9)
+        counters[name] = _RoICounter(models[name])
+
+    def step(name, seed):
+        model, optim = models[name], optims[name]
+        torch.manual_seed(seed)
+        data = model.data_preprocessor(packed, True)
+        losses = model(**data, mode='loss')
+        loss, _ = model.parse_losses(losses)
+        loss.backward()
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+
+    def timed(name, seed):
+        start = time.perf_counter()
+        step(name, seed)
+        if torch.device(device).type == 'cuda':
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    results = {name: dict(times_s=[], peak_bytes=None) for name in variants}
+    for i in range(warmup):
+        for name in variants:
+            step(name, seed=i)
+        if log:
+            log(f'  warm-up step {i + 1}/{warmup} done')
+    for name in variants:
+        counters[name].box.clear()
+        counters[name].mask.clear()
+    for r in range(repeats):
+        for i in range(len(variants)):
+            name = variants[(i + r) % len(variants)]
+            results[name]['times_s'].append(timed(name, seed=warmup + r))
+        if log:
+            log(f'  round {r + 1}/{repeats}: ' + ', '.join(f'{n} {results[n]["times_s"][-1]:.2f} s'
+                                                         for n in variants))
+    for name in variants:
+        res = results[name]
+        res['median_s'] = statistics.median(res['times_s'])
+        res['box_rois'] = statistics.mean(counters[name].box) if counters[name].box else 0
+        res['mask_rois'] = statistics.mean(counters[name].mask) if counters[name].mask else 0
+        res['params'] = sum(p.numel() for p in models[name].parameters())
+        if measure_peak:
+            res['peak_bytes'] = peak_step_bytes(lambda: step(name, seed=warmup + repeats), device)
+    return results
+
+
+def model_rows(results):
+    from .report import fmt_bytes
+    bn = results.get('BN')
+    base = results.get('baseline')
+    rows = []
+    for name, res in results.items():
+        rows.append([name, f"{res['median_s']:.2f}",
+                     f"{res['median_s'] / bn['median_s']:.2f}x" if bn else '',
+                     f"{res['median_s'] / base['median_s']:.2f}x" if base else '',
+                     fmt_bytes(res['peak_bytes']), f"{res['box_rois']:.0f} / {res['mask_rois']:.0f}"])
+    header = ['config', 'step s (median)', 'x BN config', 'x baseline', 'step peak memory', 'RoIs box / mask']
+    return header, rows

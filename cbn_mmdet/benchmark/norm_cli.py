@@ -1,0 +1,135 @@
+"""Command line of ``tools/benchmark_norm.py`` (torch only): timing table, memory, profiles, fast-mode error."""
+import argparse
+import os
+import sys
+
+import torch
+
+from .fast_mode import fast_mode_error
+from .norm_bench import NORMS, ConvShape, default_shapes, memory_rows, profile_case, run_norm_benchmark, time_rows
+from .report import machine_info, machine_line, markdown_table, text_table, write_doc_section
+
+__all__ = ['main', 'parse_args']
+
+DOC = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', 'docs',
+                                   'benchmarks.md'))
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='Benchmark conv + norm + ReLU training steps.')
+    parser.add_argument('--full', action='store_true', help='every FPN level x batch 1, 2, 4 and RoI shape')
+    parser.add_argument('--norms', default=','.join(NORMS), help=f'comma list from {",".join(NORMS)}')
+    parser.add_argument('--repeats', type=int, default=9, help='interleaved timed rounds (median reported)')
+    parser.add_argument('--warmup', type=int, default=5, help='untimed steps per case (>= buffer_num + 1)')
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (CPU)')
+    parser.add_argument('--no-peak', action='store_true', help='skip the peak-memory measurement')
+    parser.add_argument('--markdown', nargs='?', const=DOC, default=None, metavar='PATH',
+                        help='write the generated sections of docs/benchmarks.md (or PATH)')
+    parser.add_argument('--profile', action='store_true', help='profile BN / CBN / official at one shape')
+    parser.add_argument('--profile-shape', default='2,256,25,42,3', help='n,cin,h,w,k for --profile')
+    parser.add_argument('--fast-error', action='store_true', help='measure the fast mode error')
+    parser.add_argument('--skip-timing', action='store_true', help='only --profile / --fast-error')
+    return parser.parse_args(argv)
+
+
+def run_timing(args, log):
+    norms = [n.strip() for n in args.norms.split(',') if n.strip()]
+    shapes = default_shapes(full=args.full)
+    log(f'{len(shapes)} shapes x {len(norms)} norms, {args.repeats} interleaved repeats after '
+        f'{args.warmup} warm-up steps')
+    results = run_norm_benchmark(shapes, norms, repeats=args.repeats, warmup=args.warmup, device=args.device,
+                                 measure_peak=not args.no_peak, log=log)
+    return norms, results
+
+
+def run_profile(args):
+    n, cin, h, w, k = (int(v) for v in args.profile_shape.split(','))
+    shape = ConvShape('FPN', 'profile', n, cin, 256, h, w, k)
+    tables = {}
+    for name in ('BN', 'CBN', 'CBN-fast', 'CBN-official'):
+        tables[name] = profile_case(name, shape, device=args.device)
+    return shape, tables
+
+
+FAST_ERROR_CASES = (
+    # (label, kwargs): FPN-like maps and RoI-like maps, smooth (feature-like) and white-noise inputs
+    ('FPN P5-like 2x256x25x42, smooth, 1% steps', dict(n=2, h=25, w=42, smooth=True, step_size=0.01)),
+    ('FPN P5-like 2x256x25x42, smooth, 0.1% steps', dict(n=2, h=25, w=42, smooth=True, step_size=0.001)),
+    ('RoI 64x256x7x7, smooth, 1% steps', dict(n=64, h=7, w=7, smooth=True, step_size=0.01)),
+    ('FPN P5-like 2x256x25x42, white noise, 1% steps', dict(n=2, h=25, w=42, smooth=False, step_size=0.01)),
+)
+
+
+def run_fast_error(log):
+    rows = []
+    for label, kwargs in FAST_ERROR_CASES:
+        r = fast_mode_error(sample=0.25, steps=10, **kwargs)
+        rows.append([label] + [f"{r[key]['median']:.1e} / {r[key]['p99']:.1e}"
+                               for key in ('var', 'nu', 'taylor', 'naive', 'float32')])
+        log(f'  fast-mode error: {label} done')
+    header = ['case (3x3 conv, window 4, stat_grad_sample=0.25)', 'σ̄² fast vs exact', 'ν_τ(W_t) fast vs exact',
+              'exact Taylor vs truth', 'naive (rho=0) vs truth', 'float32 offsets vs float64']
+    return header, rows
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    log = print
+    load_before = os.getloadavg() if hasattr(os, 'getloadavg') else None
+    sections = {}
+    if not args.skip_timing:
+        norms, results = run_timing(args, log)
+        header, rows = time_rows(results, norms)
+        print('\nTraining step (forward + backward) median time, ratio to conv + BN:')
+        print(text_table(header, rows))
+        mheader, mrows = memory_rows(results)
+        print('\nMemory (extra persistent state of one layer vs BN; peak of one step):')
+        print(text_table(mheader, mrows))
+        sections['norm-benchmark'] = (header, rows, mheader, mrows)
+    if args.profile:
+        shape, tables = run_profile(args)
+        for name, table in tables.items():
+            print(f'\nProfile, conv + {name}, {shape.label}, 5 steps:\n{table}')
+        sections['norm-profile'] = (shape, tables)
+    if args.fast_error:
+        fheader, frows = run_fast_error(log)
+        print('\nFast mode (stat_grad_sample=0.25): relative error, median / 99th percentile over channels:')
+        print(text_table(fheader, frows))
+        sections['fast-mode-error'] = (fheader, frows)
+    info = machine_info(args.device)
+    machine = machine_line(info, load_before)
+    print('\n' + machine)
+    if args.markdown:
+        write_markdown(args.markdown, sections, machine, args)
+        print(f'wrote {args.markdown}')
+
+
+def write_markdown(path, sections, machine, args):
+    cmd = 'python tools/benchmark_norm.py ' + ' '.join(a for a in sys.argv[1:])
+    if 'norm-benchmark' in sections:
+        header, rows, mheader, mrows = sections['norm-benchmark']
+        body = [f'Measured with `{cmd.strip()}` on: {machine}.', '',
+                'Median forward + backward time of `relu(norm(conv(x)))` (SGD step between steps, window '
+                f'full, {args.repeats} interleaved repeats), and the ratio to conv + BN:', '',
+                markdown_table(header, rows), '',
+                'Memory: *extra state* = bytes of the layer\'s state_dict tensors and buffers (official: its '
+                'Python-list window) minus those of `nn.BatchNorm2d`; *step peak* = the peak of tensors '
+                'allocated during one training step (CPU: torch.profiler memory timeline; CUDA: '
+                '`max_memory_allocated`). The budget is the issue\'s `n·(3|W| + 2C) + 2|W|` floats; the '
+                'compared total is extra state + (CBN step peak − BN step peak).', '',
+                markdown_table(mheader, mrows)]
+        write_doc_section(path, 'norm-benchmark', '\n'.join(body))
+    if 'norm-profile' in sections:
+        shape, tables = sections['norm-profile']
+        body = [f'`{cmd.strip()}` on: {machine}. {shape.label}, 5 warmed-up steps each (self CPU time):', '']
+        for name, table in tables.items():
+            body += [f'conv + {name}:', '', '```', table.strip(), '```', '']
+        write_doc_section(path, 'norm-profile', '\n'.join(body))
+    if 'fast-mode-error' in sections:
+        header, rows = sections['fast-mode-error']
+        body = [f'`{cmd.strip()}` on: {machine}.', '', 'Relative error, median / 99th percentile over '
+                'channels (and window entries), steps after the window is full:', '', markdown_table(header, rows)]
+        write_doc_section(path, 'fast-mode-error', '\n'.join(body))
