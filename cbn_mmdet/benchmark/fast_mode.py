@@ -27,7 +27,7 @@ __all__ = ['fast_mode_error', 'smooth_features']
 
 def smooth_features(n, c, h, w, generator, upsample=4, dtype=torch.float32):
     """Feature-map-like input: low-resolution noise bilinearly upsampled, rectified with an offset."""
-    low = torch.randn(n, c, max(h // upsample, 1), max(w // upsample, 1), generator=generator, dtype=dtype)
+    low = torch.randn(n, c, max(-(-h // upsample), 2), max(-(-w // upsample), 2), generator=generator, dtype=dtype)
     return F.relu(F.interpolate(low, size=(h, w), mode='bilinear', align_corners=False) + 0.5)
 
 
@@ -52,7 +52,7 @@ def _window_var(mean_t, sq_t, past_mean, past_sq):
 
 
 def fast_mode_error(cin=256, cout=256, k=3, n=2, h=32, w=32, sample=0.25, steps=12, step_size=0.01,
-                    smooth=True, buffer_num=3, seed=0):
+                    smooth=True, upsample=4, buffer_num=3, seed=0):
     """Run exact and fast CBN side by side; return a dict of error statistics (see the module doc)."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -64,7 +64,7 @@ def fast_mode_error(cin=256, cout=256, k=3, n=2, h=32, w=32, sample=0.25, steps=
     past_inputs = []
     errs = {key: [] for key in ('nu', 'var', 'taylor', 'naive', 'float32')}
     for step in range(steps):
-        x = smooth_features(n, cin, h, w, gen) if smooth else torch.randn(n, cin, h, w, generator=gen)
+        x = smooth_features(n, cin, h, w, gen, upsample) if smooth else torch.randn(n, cin, h, w, generator=gen)
         weight = conv.weight.detach()
         if step >= buffer_num:     # window full: compare the compensated statistics at this weight
             with torch.no_grad():
@@ -103,5 +103,5 @@ def fast_mode_error(cin=256, cout=256, k=3, n=2, h=32, w=32, sample=0.25, steps=
         summary[key] = {'median': statistics.median(flat.tolist()), 'p99': torch.quantile(flat.double(), 0.99).item(),
                         'max': flat.max().item()}
     summary['config'] = dict(cin=cin, cout=cout, k=k, n=n, h=h, w=w, sample=sample, steps=steps,
-                             step_size=step_size, smooth=smooth, buffer_num=buffer_num)
+                             step_size=step_size, smooth=smooth, upsample=upsample, buffer_num=buffer_num)
     return summary

@@ -1,8 +1,9 @@
 """Memory measurements of the benchmarks (torch only).
 
-* Persistent state of a norm layer: the bytes of its ``state_dict`` tensors plus its non-persistent
-  buffers (for the official-algorithm reference: its Python-list window). The *extra* state of a CBN
-  layer is that minus the state of an ``nn.BatchNorm2d`` of the same width.
+* Persistent state of a norm layer: the bytes of its ``state_dict`` tensors, its buffers and the tensors
+  it keeps in plain attributes between steps (CBN's per-entry offsets and work tensor; the official
+  layer's Python-list window). The *extra* state of a CBN layer is that minus the state of an
+  ``nn.BatchNorm2d`` of the same width.
 * Peak memory of one training step: on CUDA ``torch.cuda.max_memory_allocated`` above the memory
   allocated before the step; on CPU torch's profiler memory timeline (``profile_memory=True``): the
   maximum, over the step, of the bytes of tensors created during the step and still alive (tensors that
@@ -26,15 +27,23 @@ def _bytes(tensors):
     return total
 
 
+def _attribute_tensors(module):
+    """Tensors a module holds in plain attributes (caches, Python-list windows), one level deep."""
+    for key, value in vars(module).items():
+        if key in ('_parameters', '_buffers', '_modules'):
+            continue
+        items = value if isinstance(value, (list, tuple)) else (value,)
+        for item in items:
+            if isinstance(item, torch.Tensor):
+                yield item
+
+
 def module_state_bytes(module):
-    """Bytes of ``module``'s own persistent state (state_dict + non-persistent buffers + list windows)."""
+    """Bytes of ``module``'s own state: state_dict tensors, all buffers, and tensors held in attributes
+    (e.g. CBN's per-entry offsets and work tensor, the official layer's Python-list window)."""
     tensors = [t for t in module.state_dict(keep_vars=True).values() if isinstance(t, torch.Tensor)]
-    tensors += list(module.buffers())
-    total = _bytes(tensors)
-    window_bytes = getattr(module, 'window_bytes', None)
-    if callable(window_bytes):
-        total += window_bytes()
-    return total
+    tensors += list(module.buffers(recurse=False)) + list(_attribute_tensors(module))
+    return _bytes(tensors)
 
 
 def cbn_extra_bound_bytes(weight_numel, channels, buffer_num, element_size=4):

@@ -61,13 +61,18 @@ def _set_norm(cfg, norm_cfg):
     cfg.model.roi_head.mask_head.norm_cfg = copy.deepcopy(norm_cfg)
 
 
-def build_detector(variant, device='cpu'):
-    """The detector of ``variant`` (see ``MODEL_VARIANTS``), in train mode, on ``device``."""
+def build_detector(variant, device='cpu', rois_per_image=None):
+    """The detector of ``variant`` (see ``MODEL_VARIANTS``), in train mode, on ``device``.
+
+    ``rois_per_image`` overrides the RoI sampler's ``num`` (the paper's 512; fewer keeps a CPU run short).
+    """
     from mmdet.registry import MODELS
     from mmengine.config import Config
     config, change = MODEL_VARIANTS[variant]
     cfg = Config.fromfile(_CFG.format(config))
     cfg.model.backbone.init_cfg = None
+    if rois_per_image is not None:
+        cfg.model.train_cfg.rcnn.sampler.num = rois_per_image
     if change == 'bn':
         _set_norm(cfg, dict(type='BN', requires_grad=True))
     elif change == 'fast':
@@ -101,8 +106,8 @@ class _RoICounter:
         model.roi_head.mask_head.register_forward_pre_hook(lambda m, a: self.mask.append(a[0].shape[0]))
 
 
-def run_model_benchmark(variants=DEFAULT_VARIANTS, repeats=3, warmup=4, device='cpu', measure_peak=True,
-                        log=None):
+def run_model_benchmark(variants=DEFAULT_VARIANTS, repeats=3, warmup=3, device='cpu', measure_peak=True,
+                        rois_per_image=None, log=None):
     """Return ``{variant: dict(times_s, peak_bytes, box_rois, mask_rois, params)}``."""
     from mmdet.utils import register_all_modules
     import cbn_mmdet  # noqa: F401  (registers the layers)
@@ -111,7 +116,7 @@ def run_model_benchmark(variants=DEFAULT_VARIANTS, repeats=3, warmup=4, device='
     models, optims, counters = {}, {}, {}
     for name in variants:
         torch.manual_seed(0)
-        models[name] = build_detector(name, device)
+        models[name] = build_detector(name, device, rois_per_image)
         optims[name] = torch.optim.SGD(models[name].parameters(), lr=1e-4, momentum=0.9)
         counters[name] = _RoICounter(models[name])
 

@@ -18,7 +18,9 @@ def parse_args(argv=None):
     parser.add_argument('--variants', default=','.join(DEFAULT_VARIANTS),
                         help=f'comma list from {",".join(MODEL_VARIANTS)}')
     parser.add_argument('--repeats', type=int, default=3, help='interleaved timed rounds (median reported)')
-    parser.add_argument('--warmup', type=int, default=4, help='untimed steps per model (fills the CBN window)')
+    parser.add_argument('--warmup', type=int, default=3, help='untimed steps per model (fills the CBN window)')
+    parser.add_argument('--rois-per-image', type=int, default=128,
+                        help="RoI sampler's num per image (paper: 512; 0 keeps the config's)")
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (CPU)')
     parser.add_argument('--no-peak', action='store_true', help='skip the peak-memory measurement')
@@ -37,7 +39,8 @@ def main(argv=None):
         raise SystemExit(f'unknown variant(s) {unknown}; choose from {", ".join(MODEL_VARIANTS)}')
     load_before = os.getloadavg() if hasattr(os, 'getloadavg') else None
     results = run_model_benchmark(variants, repeats=args.repeats, warmup=args.warmup, device=args.device,
-                                  measure_peak=not args.no_peak, log=print)
+                                  measure_peak=not args.no_peak, rois_per_image=args.rois_per_image or None,
+                                  log=print)
     header, rows = model_rows(results)
     print('\nMask R-CNN R-50-FPN, 2 images 320x480, training step (median), ratios to the BN config and the '
           'baseline:')

@@ -8,6 +8,7 @@ and the median per case is reported; on CUDA each step is timed with CUDA events
 
 Imports torch and ``cbn_mmdet.ops`` only (runs on a CUDA machine without mmcv).
 """
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -104,10 +105,11 @@ def build_norm(norm_name, channels, conv, batch):
     """The norm module of a case; binds CBN to ``conv``. Returns ``(norm, pass_weight)``."""
     if norm_name == 'BN':
         return nn.BatchNorm2d(channels), False
+    groups = math.gcd(32, channels)    # 32 groups as in the configs (fewer for tiny test shapes)
     if norm_name == 'GN':
-        return nn.GroupNorm(32, channels), False
+        return nn.GroupNorm(groups, channels), False
     if norm_name == 'BCN':
-        return BatchChannelNorm2d(channels, num_groups=32, estimate_stats=True), False
+        return BatchChannelNorm2d(channels, num_groups=groups, estimate_stats=True), False
     if norm_name == 'MABN':
         # K = real_B / B = 2 past rows; warmup_iters=0 so the warmed-up steps use the moving averages.
         return MovingAverageBatchNorm2d(channels, B=batch, real_B=2 * batch, warmup_iters=0), False

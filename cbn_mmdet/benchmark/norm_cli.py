@@ -18,6 +18,8 @@ DOC = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Benchmark conv + norm + ReLU training steps.')
     parser.add_argument('--full', action='store_true', help='every FPN level x batch 1, 2, 4 and RoI shape')
+    parser.add_argument('--shape', action='append', default=None, metavar='N,CIN,H,W,K[,COUT]',
+                        help='benchmark this conv shape instead of the default set (repeatable)')
     parser.add_argument('--norms', default=','.join(NORMS), help=f'comma list from {",".join(NORMS)}')
     parser.add_argument('--repeats', type=int, default=9, help='interleaved timed rounds (median reported)')
     parser.add_argument('--warmup', type=int, default=5, help='untimed steps per case (>= buffer_num + 1)')
@@ -27,15 +29,28 @@ def parse_args(argv=None):
     parser.add_argument('--markdown', nargs='?', const=DOC, default=None, metavar='PATH',
                         help='write the generated sections of docs/benchmarks.md (or PATH)')
     parser.add_argument('--profile', action='store_true', help='profile BN / CBN / official at one shape')
-    parser.add_argument('--profile-shape', default='2,256,25,42,3', help='n,cin,h,w,k for --profile')
+    parser.add_argument('--profile-shape', default='2,256,25,42,3', metavar='N,CIN,H,W,K[,COUT]',
+                        help='the shape profiled by --profile (default: FPN P5 3x3 at batch 2)')
     parser.add_argument('--fast-error', action='store_true', help='measure the fast mode error')
     parser.add_argument('--skip-timing', action='store_true', help='only --profile / --fast-error')
     return parser.parse_args(argv)
 
 
+def _parse_shape(text):
+    values = [int(v) for v in text.split(',')]
+    if len(values) not in (5, 6):
+        raise SystemExit(f'--shape expects N,CIN,H,W,K[,COUT], got {text!r}')
+    n, cin, h, w, k = values[:5]
+    cout = values[5] if len(values) == 6 else 256
+    return ConvShape('custom', 'custom', n, cin, cout, h, w, k)
+
+
 def run_timing(args, log):
     norms = [n.strip() for n in args.norms.split(',') if n.strip()]
-    shapes = default_shapes(full=args.full)
+    unknown = [n for n in norms if n not in NORMS]
+    if unknown:
+        raise SystemExit(f'unknown norm(s) {unknown}; choose from {", ".join(NORMS)}')
+    shapes = [_parse_shape(text) for text in args.shape] if args.shape else default_shapes(full=args.full)
     log(f'{len(shapes)} shapes x {len(norms)} norms, {args.repeats} interleaved repeats after '
         f'{args.warmup} warm-up steps')
     results = run_norm_benchmark(shapes, norms, repeats=args.repeats, warmup=args.warmup, device=args.device,
@@ -44,8 +59,7 @@ def run_timing(args, log):
 
 
 def run_profile(args):
-    n, cin, h, w, k = (int(v) for v in args.profile_shape.split(','))
-    shape = ConvShape('FPN', 'profile', n, cin, 256, h, w, k)
+    shape = _parse_shape(args.profile_shape)
     tables = {}
     for name in ('BN', 'CBN', 'CBN-fast', 'CBN-official'):
         tables[name] = profile_case(name, shape, device=args.device)
@@ -53,11 +67,14 @@ def run_profile(args):
 
 
 FAST_ERROR_CASES = (
-    # (label, kwargs): FPN-like maps and RoI-like maps, smooth (feature-like) and white-noise inputs
-    ('FPN P5-like 2x256x25x42, smooth, 1% steps', dict(n=2, h=25, w=42, smooth=True, step_size=0.01)),
-    ('FPN P5-like 2x256x25x42, smooth, 0.1% steps', dict(n=2, h=25, w=42, smooth=True, step_size=0.001)),
-    ('RoI 64x256x7x7, smooth, 1% steps', dict(n=64, h=7, w=7, smooth=True, step_size=0.01)),
-    ('FPN P5-like 2x256x25x42, white noise, 1% steps', dict(n=2, h=25, w=42, smooth=False, step_size=0.01)),
+    # (label, kwargs): FPN-like and RoI-like maps, feature-like (smooth) and white-noise inputs, weights
+    # moving by 1% or 0.1% of |W| per step
+    ('FPN P5 2x256x25x42, smooth (x4), 1% steps', dict(n=2, h=25, w=42, smooth=True, step_size=0.01)),
+    ('FPN P5 2x256x25x42, smooth (x4), 0.1% steps', dict(n=2, h=25, w=42, smooth=True, step_size=0.001)),
+    ('RoI 64x256x7x7, smooth (x2), 1% steps', dict(n=64, h=7, w=7, smooth=True, upsample=2, step_size=0.01)),
+    ('RoI 64x256x7x7, smooth (x2), 0.1% steps', dict(n=64, h=7, w=7, smooth=True, upsample=2, step_size=0.001)),
+    ('FPN P5 2x256x25x42, white noise, 1% steps', dict(n=2, h=25, w=42, smooth=False, step_size=0.01)),
+    ('FPN P5 2x256x25x42, white noise, 0.1% steps', dict(n=2, h=25, w=42, smooth=False, step_size=0.001)),
 )
 
 

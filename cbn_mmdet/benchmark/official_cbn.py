@@ -38,11 +38,6 @@ class OfficialAlgorithmCBN(nn.Module):
         # The official window: Python lists, newest first (not in state_dict, hence not persistent).
         self.pre_mu, self.pre_meanx2, self.pre_dmudw, self.pre_dmeanx2dw, self.pre_weight = [], [], [], [], []
 
-    def window_bytes(self):
-        """Bytes held by the Python-list window (what the official layer keeps per layer)."""
-        lists = (self.pre_mu, self.pre_meanx2, self.pre_dmudw, self.pre_dmeanx2dw, self.pre_weight)
-        return sum(t.numel() * t.element_size() for entries in lists for t in entries)
-
     def forward(self, x, weight):
         if self.training and self.burnin > 0:
             self.count += 1

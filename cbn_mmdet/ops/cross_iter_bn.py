@@ -544,11 +544,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         """The per-entry offsets ``(n, C)`` of the current window buffers, recomputed only when stale."""
         stamp = self._offsets_stamp(dtype)
         if self._offsets is None or self._offsets[0] != stamp:
-            rows = []
-            for j in range(self.buffer_num):
-                index = torch.tensor([j], device=self.window_weight.device)
-                rows.append(self._entry_offsets(*(self._buffers[name].index_select(0, index)[0]
-                                                  for name in _CONV_SHAPED_BUFFERS), dtype))
+            rows = [self._entry_offsets(*(self._buffers[name][j].clone() for name in _CONV_SHAPED_BUFFERS), dtype)
+                    for j in range(self.buffer_num)]
             mean_off = torch.stack([r[0] for r in rows])
             sq_off = torch.stack([r[1] for r in rows])
             self._offsets = (stamp, mean_off, sq_off)

@@ -1,0 +1,87 @@
+"""The norm benchmark core runs end to end on one tiny shape (no timing assertions: never assert speed)."""
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+import torch.nn as nn
+
+from cbn_mmdet.benchmark import NORMS, ConvShape, OfficialAlgorithmCBN, memory_rows, run_shape, time_rows
+from cbn_mmdet.benchmark.memory import cbn_extra_bound_bytes, module_state_bytes
+from cbn_mmdet.benchmark.report import write_doc_section
+from cbn_mmdet.ops import CrossIterationBatchNorm2d, bind_cbn_to_conv
+
+TINY = ConvShape('FPN', 'tiny', 2, 8, 8, 6, 6, 3)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_run_shape_every_norm_and_tables():
+    results = run_shape(TINY, NORMS, repeats=2, warmup=4)
+    assert set(results) == set(NORMS)
+    for res in results.values():
+        assert len(res.times_s) == 2 and all(t > 0 for t in res.times_s)
+        assert res.peak_bytes is None or res.peak_bytes >= 0
+    header, rows = time_rows([results], NORMS)
+    assert len(rows) == 1 and len(rows[0]) == len(header)
+    header, rows = memory_rows([results])
+    assert len(rows) == 1 and len(rows[0]) == len(header)
+    # the CBN window (3 entries of W, dν/dW and the mean patch) is part of the layer's extra state
+    w_numel = 8 * 8 * 9
+    extra = results['CBN'].state_bytes - results['BN'].state_bytes
+    assert 3 * 2 * w_numel * 4 <= extra <= cbn_extra_bound_bytes(w_numel, 8, 3)
+
+
+def test_official_reference_computes_our_algorithm():
+    """The timing reference is the official algorithm: same outputs and gradients as our layer."""
+    dt = torch.float64
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1, bias=False).to(dt)
+    ours = CrossIterationBatchNorm2d(4, buffer_num=2).to(dt)
+    bind_cbn_to_conv(ours, conv)
+    conv_ref, official = copy.deepcopy(conv), OfficialAlgorithmCBN(4, buffer_num=2).to(dt)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        x = torch.randn(2, 3, 6, 6, generator=gen, dtype=dt)
+        probe = torch.randn(2, 4, 6, 6, generator=gen, dtype=dt)
+        out = ours(conv(x.clone().requires_grad_()))
+        out_ref = official(conv_ref(x.clone().requires_grad_()), conv_ref.weight)
+        (out * probe).sum().backward()
+        (out_ref * probe).sum().backward()
+        torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(conv.weight.grad, conv_ref.weight.grad, rtol=1e-10, atol=1e-10)
+        with torch.no_grad():
+            for c in (conv, conv_ref):
+                c.weight -= 0.1 * c.weight.grad
+                c.weight.grad = None
+    assert module_state_bytes(official) > module_state_bytes(nn.BatchNorm2d(4).to(dt))
+
+
+def test_doc_section_is_replaced_in_place(tmp_path):
+    path = str(tmp_path / 'bench.md')
+    write_doc_section(path, 'a', 'first')
+    with open(path, 'a') as f:
+        f.write('\nhand-written text\n')
+    write_doc_section(path, 'b', 'other')
+    write_doc_section(path, 'a', 'second')
+    text = open(path).read()
+    assert 'second' in text and 'first' not in text and 'hand-written text' in text and 'other' in text
+    assert text.count('<!-- BEGIN a -->') == 1
+
+
+def test_tool_runs_with_torch_alone(tmp_path):
+    """tools/benchmark_norm.py must run on a machine without mmcv/mmengine/mmdet (e.g. a bare CUDA box)."""
+    child = textwrap.dedent(f'''
+        import sys
+        for name in ('mmcv', 'mmengine', 'mmdet'):
+            sys.modules[name] = None
+        sys.argv = ['benchmark_norm.py', '--shape', '2,4,5,5,3,8', '--shape', '2,8,5,5,1,8', '--repeats', '1',
+                    '--warmup', '4', '--threads', '1', '--markdown', {str(tmp_path / 'b.md')!r}]
+        import runpy
+        runpy.run_path({os.path.join(ROOT, 'tools', 'benchmark_norm.py')!r}, run_name='__main__')
+    ''')
+    result = subprocess.run([sys.executable, '-c', child], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'CBN-official' in result.stdout and 'official / ours' in result.stdout
+    assert '<!-- BEGIN norm-benchmark -->' in open(tmp_path / 'b.md').read()
