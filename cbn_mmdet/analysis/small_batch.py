@@ -108,8 +108,8 @@ def train_one(cfg, data, norm, batch_size, seed):
                 # A norm layer that makes the loss invariant to the conv weight's scale gives cos = 0 (the
                 # gradient is orthogonal to W); anything else changes |W| at first order in the lr.
                 cosines.append(float(np.mean([
-                    ((c.weight * c.weight.grad).sum() / (c.weight.norm() * c.weight.grad.norm()).clamp_min(1e-30)).item()
-                    for c in convs])))
+                    ((c.weight * c.weight.grad).sum()
+                     / (c.weight.norm() * c.weight.grad.norm()).clamp_min(1e-30)).item() for c in convs])))
         opt.step()
         losses.append(loss.item())
         with torch.no_grad():   # relative conv-weight change of this step (how far a window reaches back)
@@ -120,7 +120,8 @@ def train_one(cfg, data, norm, batch_size, seed):
                   test_acc=_accuracy(net, x_test, y_test), train_acc=_accuracy(net, x_train, y_train),
                   final_loss=float(np.mean(losses[-max(1, total // 10):])), diverged=diverged,
                   step_move=float(np.mean(moves)),
-                  weight_growth=float(np.mean([c.weight.detach().norm().item() / n for c, n in zip(convs, start_norms)])),
+                  weight_growth=float(np.mean([c.weight.detach().norm().item() / n
+                                               for c, n in zip(convs, start_norms)])),
                   cos_w_grad=float(np.mean(cosines)) if cosines else float('nan'),
                   train_seconds=train_seconds, ms_per_iter=1e3 * train_seconds / total)
     fallbacks = [int(m.num_fallbacks) for m in net.norms if hasattr(m, 'num_fallbacks')]

@@ -9,7 +9,8 @@ keeps in its ``window_*`` buffers, computed with the same closed-form functions 
 :func:`window_estimate` reproduces the layer's aggregation with torch ops (tests check it against the
 layer): every past entry is moved to the current weight ``W_t`` by a first-order Taylor step::
 
-    μ_τ(W_t) ≈ μ_τ + ρ_μ·Σ_k (W_t − W_τ)[c, k]·∂μ_τ/∂W[k],   ν_τ(W_t) ≈ ν_τ + ρ_ν·Σ_k (W_t − W_τ)[c, k]·∂ν_τ/∂W[c, k]
+    μ_τ(W_t) ≈ μ_τ + ρ_μ·Σ_k (W_t − W_τ)[c, k]·∂μ_τ/∂W[k]
+    ν_τ(W_t) ≈ ν_τ + ρ_ν·Σ_k (W_t − W_τ)[c, k]·∂ν_τ/∂W[c, k]
 
 entries whose ``ν − μ²`` is negative are dropped, ``μ̄`` is the mean of the kept ``μ`` and
 ``σ̄² = mean(kept ν) − μ̄²``. ``(ρ_μ, ρ_ν) = (1, 1)`` is CBN, ``(0, 0)`` naive cross-iteration

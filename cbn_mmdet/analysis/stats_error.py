@@ -47,8 +47,8 @@ from .nets import POOL_AFTER, SmallConvNet
 from .stat_estimators import (ESTIMATORS, exact_entry, compensate, mean_error, record_entry, var_error,
                               window_estimate)
 
-__all__ = ['StatsErrorConfig', 'GhostBatchNorm2d', 'probe_forward', 'run_trajectory', 'run_stats_error', 'summarise', 'markdown_summary',
-           'plot_stats_error', 'ALL_ESTIMATORS']
+__all__ = ['StatsErrorConfig', 'GhostBatchNorm2d', 'probe_forward', 'run_trajectory', 'run_stats_error', 'summarise',
+           'markdown_summary', 'plot_stats_error', 'ALL_ESTIMATORS']
 
 ALL_ESTIMATORS = ('bn', 'naive', 'cbn', 'cbn_mean_only', 'own_layer', 'recompute')
 
@@ -411,7 +411,8 @@ def markdown_summary(cfg, summary_main, summary_lr, drift_layers, phases, infos,
               '| cbn entries with nu < mu^2 |', '|---|---|---|---|---|---|---|---|---|']
     for layer in sorted({r['layer'] for r in drift_layers}):
         for tau in sorted(set(pick)):
-            get = {n: _select(drift_layers, layer=layer, tau=tau, estimator=n)[0] for n in ('naive', 'cbn', 'own_layer')}
+            get = {n: _select(drift_layers, layer=layer, tau=tau, estimator=n)[0]
+                   for n in ('naive', 'cbn', 'own_layer')}
             lines.append(f"| {layer} | {tau} | {get['cbn']['weight_drift']:.3f} | {get['naive']['mean_err']:.4f} | "
                          f"{get['cbn']['mean_err']:.4f} | {get['naive']['sq_err']:.4f} | {get['cbn']['sq_err']:.4f} | "
                          f"{get['own_layer']['sq_err']:.4f} | {get['cbn']['invalid']:.2%} |")

@@ -44,7 +44,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    names = {'batch_sizes', 'global_batch', 'windows', 'seeds', 'iters', 'num_evals', 'lr', 'lr_sweep', 'lr_sweep_batch', 'threads'}
+    names = {'batch_sizes', 'global_batch', 'windows', 'seeds', 'iters', 'num_evals', 'lr', 'lr_sweep', 'lr_sweep_batch',
+             'threads'}
     overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
     overrides.update(out=args.out, dataset=args.dataset)
     cfg = StatsErrorConfig.quick(**overrides) if args.quick else StatsErrorConfig(**overrides)
