@@ -234,9 +234,10 @@ def results_table(work_dirs, warn=None):
         for (model, norm), (work_dir, source, _) in runs.items():
             lines.append(f'- {model} / {norm}: `{work_dir}` ({source} metrics)')
     if others:
-        lines += ['', 'Other runs (not rows of the paper table):', '', header, rule]
+        lines += ['', 'Other runs (not rows of the paper table):', '', '| run ' + header, '|---' + rule]
         for row, (work_dir, source, metrics) in others:
-            model, norm = row if row else (f'`{osp.basename(osp.normpath(work_dir))}`', '?')
+            model, norm = row if row else ('?', '?')
             cells = [_fmt(_percent(metrics, key)) for _, key in METRICS]
-            lines.append(f'| {model} | {norm} | ' + ' | '.join(cells) + ' |')
+            lines.append(f'| `{osp.basename(osp.normpath(work_dir))}` ({source}) | {model} | {norm} | '
+                         + ' | '.join(cells) + ' |')
     return '\n'.join(lines) + '\n'

