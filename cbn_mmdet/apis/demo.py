@@ -338,7 +338,7 @@ def run_demo(work_dir='work_dirs/demo', variants=tuple(VARIANTS), budget=540.0, 
     _say(f'  results table : {md_path}')
     _say(f'  results (json): {osp.join(work_dir, "results.json")}')
     _say(f'  loss curves   : {png_path}')
-    _say(f'  runs          : ' + ', '.join(osp.join(work_dir, n) for n in [UNTRAINED, *trained_dirs]))
+    _say('  runs          : ' + ', '.join(osp.join(work_dir, n) for n in [UNTRAINED, *trained_dirs]))
     return results, untrained, ok
 
 

@@ -12,29 +12,15 @@ BibTeX::
       author={Qiao, Siyuan and Wang, Huiyu and Liu, Chenxi and Shen, Wei and Yuille, Alan},
       journal={arXiv preprint arXiv:1903.10520}, year={2019}}
 """
-import contextlib
 
 import torch
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._validate import check_divides, check_eps, check_input_dim, check_positive_int, check_unit_interval
+from ._amp import autocast_off, compute_dtype
 
 __all__ = ['BatchChannelNorm2d']
-
-
-def _autocast_off(device_type):
-    """Autocast must not re-cast the statistics ops to half precision: disable it where it exists."""
-    is_available = getattr(torch.amp, 'is_autocast_available', None)  # torch >= 2.4
-    available = is_available(device_type) if is_available is not None else device_type in ('cpu', 'cuda')
-    if available:
-        return torch.autocast(device_type=device_type, enabled=False)
-    return contextlib.nullcontext()
-
-
-def _compute_dtype(dtype):
-    """float32 for half/bfloat16 inputs (statistics lose too much in 8-10 mantissa bits), else as is."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 class BatchChannelNorm2d(_BatchNorm):
@@ -128,8 +114,8 @@ class BatchChannelNorm2d(_BatchNorm):
         if uses_batch_stats and input.numel() // input.size(1) <= 1:
             raise ValueError(f'{type(self).__name__}: expected more than 1 value per channel when '
                              f'using batch statistics, got input of shape {tuple(input.shape)}')
-        with _autocast_off(input.device.type):
-            x = input.to(_compute_dtype(input.dtype))
+        with autocast_off(input.device.type):
+            x = input.to(compute_dtype(input.dtype))
             factor = self._momentum_factor()
             if self.training and self.estimate_stats:
                 x = self._normalize_with_estimated_stats(x, factor)

@@ -44,7 +44,6 @@ BibTeX::
       author={Yan, Junjie and Wan, Ruosi and Zhang, Xiangyu and Zhang, Wei and Wei, Yichen and Sun, Jian},
       booktitle={ICLR}, year={2020}}
 """
-import contextlib
 import warnings
 
 import torch
@@ -52,6 +51,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._validate import (check_divides, check_eps, check_input_dim, check_non_negative_int, check_positive_int,
                         check_unit_interval)
+from ._amp import autocast_off, compute_dtype
 
 __all__ = ['MovingAverageBNFunction', 'moving_average_bn', 'MovingAverageBatchNorm2d']
 
@@ -59,20 +59,6 @@ __all__ = ['MovingAverageBNFunction', 'moving_average_bn', 'MovingAverageBatchNo
 # warm-up, whichever is later), whatever the schedule: kept as is.
 R_FREE_ITERS = 1000
 R_CLIP = (1.0 / 5.0, 5.0)
-
-
-def _autocast_off(device_type):
-    """Autocast must not re-cast the statistics ops to half precision: disable it where it exists."""
-    is_available = getattr(torch.amp, 'is_autocast_available', None)  # torch >= 2.4
-    available = is_available(device_type) if is_available is not None else device_type in ('cpu', 'cuda')
-    if available:
-        return torch.autocast(device_type=device_type, enabled=False)
-    return contextlib.nullcontext()
-
-
-def _compute_dtype(dtype):
-    """float32 for half/bfloat16 inputs (statistics lose too much in 8-10 mantissa bits), else as is."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _channel(v):
@@ -186,8 +172,8 @@ def moving_average_bn(x, weight, bias, running_var, buffer_x2, buffer_gz, iters,
         Tensor: same shape and dtype as ``x``; statistics computed in at least float32.
     """
     _check_state(x, running_var, buffer_x2, buffer_gz, iters)
-    dtype = _compute_dtype(x.dtype)
-    with _autocast_off(x.device.type):
+    dtype = compute_dtype(x.dtype)
+    with autocast_off(x.device.type):
         y = MovingAverageBNFunction.apply(
             x.to(dtype), None if weight is None else weight.to(dtype), None if bias is None else bias.to(dtype),
             running_var, buffer_x2, buffer_gz, iters.view(()), float(eps), float(momentum), int(warmup_iters))
@@ -286,8 +272,8 @@ class MovingAverageBatchNorm2d(_BatchNorm):
                                  self.iters, eps=self.eps, momentum=self.momentum, warmup_iters=self.warmup_iters)
 
     def _eval_forward(self, input):
-        dtype = _compute_dtype(input.dtype)
-        with _autocast_off(input.device.type):
+        dtype = compute_dtype(input.dtype)
+        with autocast_off(input.device.type):
             scale = (self.running_var.to(dtype) + self.eps).rsqrt()
             if self.weight is not None:
                 scale = scale * self.weight.to(dtype)

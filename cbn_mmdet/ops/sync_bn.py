@@ -18,7 +18,6 @@ with :func:`~cbn_mmdet.ops.distributed.sync_weighted_mean`.
       year={2015}
     }
 """
-import contextlib
 import inspect
 
 import torch
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._validate import check_eps, check_positive_int, check_unit_interval
+from ._amp import autocast_off
 from .distributed import get_world_size, sync_weighted_mean
 
 __all__ = ['SyncBatchNorm', 'sync_batch_norm']
@@ -42,14 +42,6 @@ def _torch_sync_devices():
     get_name = getattr(torch._C, '_get_privateuse1_backend_name', None)
     private = get_name() if get_name is not None else 'privateuseone'
     return ('cuda', 'hpu', 'xpu', private)
-
-
-def _autocast_off(device_type):
-    """Disable autocast for the statistics, where autocast exists for ``device_type``."""
-    is_available = getattr(torch.amp, 'is_autocast_available', None)
-    if is_available is not None and not is_available(device_type):
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device_type, enabled=False)
 
 
 def sync_batch_norm(x, weight, bias, running_mean, running_var, momentum, eps, group=None,
@@ -86,7 +78,7 @@ def sync_batch_norm(x, weight, bias, running_mean, running_var, momentum, eps, g
     num_channels = x.size(1)
     reduce_dims = [0] + list(range(2, x.dim()))
     local_count = x.numel() // num_channels if num_channels else 0
-    with _autocast_off(x.device.type):
+    with autocast_off(x.device.type):
         xf = x.to(stat_dtype)
         # Sum / max(n, 1): an empty batch gives zeros (not NaN) and a count of 0.
         denom = float(max(local_count, 1))

@@ -1,5 +1,4 @@
 """tools/dist_train.sh with 2 CPU processes (gloo) trains the CBN demo config for 2 iterations."""
-import os
 import os.path as osp
 import re
 import socket
