@@ -73,8 +73,11 @@ class _CBNNormalise(torch.autograd.Function):
         grad_x = torch.batch_norm(x, 2.0 * grad_sq_t / count, grad_mean_t / count, torch.zeros_like(inv),
                                   ones, False, 0.0, 0.0, torch.backends.cudnn.enabled)
         grad_x.addcmul_(grad_out, (gamma * inv).view(1, -1, 1, 1))
+        # μ̄ = ... + A and σ̄² = ... + B − μ̄²: the past terms get dμ̄ and dσ̄² (used by grad_through_window)
+        grad_past_mean = grad_mean_bar if ctx.needs_input_grad[6] else None
+        grad_past_sq = grad_var if ctx.needs_input_grad[7] else None
         return (grad_x, grad_weight if has_weight else None, sum_g if has_bias else None,
-                None, None, None, None, None, None, None, None, None)
+                None, None, None, grad_past_mean, grad_past_sq, None, None, None, None)
 
 
 def _memory_format(x):

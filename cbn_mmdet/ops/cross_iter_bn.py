@@ -76,6 +76,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         eps_inside_sqrt (bool): normalise by ``sqrt(var + eps)`` like torch BN. Default: False (official).
         unbiased_plain_var (bool): the plain path normalises with the unbiased variance (official).
             ``False`` uses the biased variance like torch BN. Default: True.
+        grad_through_window (bool): opt-in, beyond the paper. The official backward treats the
+            compensated past statistics as constants although they depend on the current conv weight
+            (linearly, through the Taylor step); ``True`` lets the gradient flow through that
+            dependence into the conv weight (same forward; exact gradient of the compensated
+            estimate). ``docs/fidelity.md`` shows it fixes CBN's training at batch 1-2. Default: False.
         stat_grad_sample (float | None): opt-in fast mode, beyond the paper. ``None`` (default): the exact
             ``∂ν/∂W`` (one extra conv weight-gradient per layer per step). A fraction in (0, 1]: estimate it
             from about that fraction of the output positions, a strided grid ``rh × rw`` with
@@ -98,7 +103,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, *,
                  buffer_num=0, rho=1.0, burnin=0, sync=False, process_group=None,
-                 eps_inside_sqrt=False, unbiased_plain_var=True, stat_grad_sample=None, device=None,
+                 eps_inside_sqrt=False, unbiased_plain_var=True, stat_grad_sample=None,
+                 grad_through_window=False, device=None,
                  dtype=None):
         num_features = check_positive_int('num_features', num_features, _OWNER)
         eps = check_eps(eps, _OWNER)
@@ -111,6 +117,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self.process_group = process_group
         self.eps_inside_sqrt = bool(eps_inside_sqrt)
         self.unbiased_plain_var = bool(unbiased_plain_var)
+        self.grad_through_window = bool(grad_through_window)
         self.stat_grad_sample = _check_sample_fraction(stat_grad_sample)
         self._sample_step = _sample_step(self.stat_grad_sample)
         # Switched off during an epoch-based burn-in by CBNBurnInHook (re-derived from the epoch each
@@ -137,6 +144,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self._conv_input = None       # the bound conv's latest input, consumed by the next forward
         self._bind_error = None
         self._layer_name = None
+        self._last_past_kept = None   # per-entry weights of the last window step (grad_through_window)
         # Per-entry offsets Σ_k W_τ·∂μ_τ/∂W and Σ_k W_τ·∂ν_τ/∂W (derived from the window buffers, so not
         # state): the compensation then never reads the stored weights. See _window_offsets.
         self._offsets = None
@@ -244,6 +252,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 f'burnin={self.burnin}, sync={self.sync}, eps_inside_sqrt={self.eps_inside_sqrt}')
         if self.stat_grad_sample is not None:
             text += f', stat_grad_sample={self.stat_grad_sample}'
+        if self.grad_through_window:
+            text += ', grad_through_window=True'
         return text
 
     # ------------------------------------------------------------------ forward
@@ -402,8 +412,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             if synced:
                 (mean_grad, sq_grad), _ = sync_weighted_mean(
                     (mean_grad, sq_grad), x.shape[0] * x.shape[2] * x.shape[3], group=self.process_group)
-            coef, past_mean, past_sq = self._window_coefficients(mean_t.detach(), sq_t.detach(),
-                                                                 weight_t.to(dtype))
+            with torch.no_grad():
+                coef, past_mean, past_sq = self._window_coefficients(mean_t.detach(), sq_t.detach(),
+                                                                     weight_t.to(dtype))
+            if self.grad_through_window and torch.is_grad_enabled():
+                past_mean, past_sq = self._attach_window_gradient(past_mean, past_sq, weight, dtype)
             finite = self._update_running_stats(mean_t.detach(), var_t.detach(), count)
             valid = finite & (count > 0) if isinstance(count, torch.Tensor) else finite
             self._push(weight_t, mean_t.detach(), sq_t.detach(), mean_grad, sq_grad, groups, valid=valid)
@@ -483,6 +496,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self.num_fallbacks.add_(none_kept.any().long())
         kept_t = torch.where(none_kept, torch.ones_like(kept_t), kept_t)
         kept = torch.where(none_kept, torch.ones_like(kept), kept)
+        self._last_past_kept = past_kept / kept if self.window_weight.numel() > 0 else None
         return kept_t / kept, past_mean_sum / kept, past_sq_sum / kept
 
     def _sample_grid(self, out_size):
@@ -491,6 +505,30 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         rh, rw = (min(r, max(int(n), 1)) for r, n in zip(self._sample_step, out_size))
         a, b = divmod(self._iter_shadow % (rh * rw), rw)
         return (rh, rw), (a, b)
+
+    def _attach_window_gradient(self, past_mean, past_sq, weight, dtype):
+        """``grad_through_window``: give A, B their gradient w.r.t. the live conv weight (values unchanged).
+
+        A = Σ_τ w_τ·(μ_τ + ρ·(W_t − W_τ)·∂μ_τ/∂W) with w_τ = kept_τ / n is linear in W_t, so
+        dA_c/dW_t[c] = ρ·Σ_τ w_τ,c·∂μ_τ/∂W[g(c)] (same for B with ∂ν_τ/∂W). Adding
+        ``(W − W.detach())·dA/dW`` (exactly zero) attaches that gradient without re-running the window.
+        """
+        shares = getattr(self, '_last_past_kept', None)
+        if shares is None:
+            return past_mean, past_sq
+        live = weight if weight is not None else self._conv_weight(self.bound_conv)
+        if not live.requires_grad:
+            return past_mean, past_sq
+        n, c = shares.shape
+        with torch.no_grad():
+            mean_grad = self.window_mean_grad.to(dtype)                          # (n, groups, K)
+            groups = mean_grad.shape[1]
+            share_g = shares.view(n, groups, c // groups)
+            d_mean = self.rho * torch.einsum('ngo,ngk->gok', share_g, mean_grad).reshape(c, -1)
+            d_sq = self.rho * torch.einsum('nc,nck->ck', shares, self.window_sq_grad.to(dtype).reshape(n, c, -1))
+        w = live.to(dtype).reshape(c, -1)
+        zero = w - w.detach()
+        return past_mean + (zero * d_mean).sum(-1), past_sq + (zero * d_sq).sum(-1)
 
     def _compensated_window(self, weight_t, dtype):
         """Every stored entry moved to ``weight_t``: ``(μ_τ(W_t), ν_τ(W_t))``, each ``(n, C)``.

@@ -10,7 +10,10 @@ import torch
 class OfficialCBNReference:
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, buffer_num=0, rho=1.0, burnin=0,
-                 dtype=torch.float64):
+                 dtype=torch.float64, grad_through_window=False):
+        # grad_through_window: NOT official; the compensation uses the live weight so that autograd
+        # differentiates through it (the oracle of our opt-in option of the same name).
+        self.grad_through_window = grad_through_window
         self.c = num_features
         self.eps, self.momentum = eps, momentum
         self.buffer_num, self.rho, self.burnin = buffer_num, rho, burnin
@@ -38,7 +41,7 @@ class OfficialCBNReference:
             dmu = torch.autograd.grad(mu, weight, ones, retain_graph=True)[0]
             dnu = torch.autograd.grad(nu, weight, ones, retain_graph=True)[0]
             mus, nus = [mu], [nu]
-            w_now = weight.detach()
+            w_now = weight if self.grad_through_window else weight.detach()
             for (p_mu, p_nu, p_dmu, p_dnu, p_w) in self.entries:
                 delta = w_now - p_w
                 mus.append(p_mu + self.rho * (delta * p_dmu).sum(dim=(1, 2, 3)))
@@ -48,7 +51,7 @@ class OfficialCBNReference:
             n = valid.sum(0)
             mean = (valid * mus).sum(0) / n
             var = (valid * nus).sum(0) / n - mean ** 2
-            self.entries.insert(0, (mu.detach(), nu.detach(), dmu.detach(), dnu.detach(), w_now.clone()))
+            self.entries.insert(0, (mu.detach(), nu.detach(), dmu.detach(), dnu.detach(), w_now.detach().clone()))
             self.entries = self.entries[:self.buffer_num]
         else:
             mean, var = cur_mean, cur_unbiased_var

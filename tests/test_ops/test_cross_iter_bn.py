@@ -354,3 +354,31 @@ def test_channels_last_matches_contiguous():
         out_b.sum().backward()
         torch.testing.assert_close(out_a, out_b)
         torch.testing.assert_close(xa.grad, xb.grad)
+
+
+@pytest.mark.parametrize('buffer_num,burnin', [(3, 0), (2, 3)])
+def test_grad_through_window_matches_differentiable_oracle(buffer_num, burnin):
+    """Opt-in: the gradient also flows through the Taylor compensation into the conv weight."""
+    conv, cbn = _pair(buffer_num=buffer_num, burnin=burnin, grad_through_window=True)
+    ref = OfficialCBNReference(5, buffer_num=buffer_num, burnin=burnin, grad_through_window=True)
+    _run_sequence(conv, cbn, ref)
+
+
+def test_grad_through_window_changes_only_the_weight_gradient():
+    """Same forward, same input gradient as the official mode; a different conv-weight gradient."""
+    conv_a, cbn_a = _bound(buffer_num=2)
+    conv_b, cbn_b = copy.deepcopy(conv_a), CrossIterationBatchNorm2d(4, buffer_num=2, grad_through_window=True).to(DT)
+    cbn_b.load_state_dict(cbn_a.state_dict())
+    bind_cbn_to_conv(cbn_b, conv_b)
+    for it in range(3):
+        x = torch.randn(2, 3, 5, 5, dtype=DT)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out_a, out_b = cbn_a(conv_a(xa)), cbn_b(conv_b(xb))
+        probe = torch.randn_like(out_a)
+        (out_a * probe).sum().backward()
+        (out_b * probe).sum().backward()
+        torch.testing.assert_close(out_a, out_b, rtol=0, atol=0)
+        torch.testing.assert_close(xa.grad, xb.grad)
+        if it > 0:   # once the window holds entries the weight gradients differ
+            assert not torch.allclose(conv_a.weight.grad, conv_b.weight.grad)
+        conv_a.weight.grad = conv_b.weight.grad = None
