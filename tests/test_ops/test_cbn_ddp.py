@@ -1,11 +1,13 @@
 """Plain CBN under DistributedDataParallel (2 gloo processes): per-process windows stay consistent."""
+import gc
+
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from cbn_mmdet.ops import CrossIterationBatchNorm2d
+from tests.dist_utils import spawn
 
 WORLD = 2
 
@@ -14,28 +16,36 @@ def _worker(rank, store, out_dir, broadcast_buffers):
     torch.set_num_threads(1)
     dist.init_process_group('gloo', init_method=f'file://{store}', rank=rank, world_size=WORLD)
     try:
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), CrossIterationBatchNorm2d(4, buffer_num=2),
-                              nn.ReLU())
-        ddp = DistributedDataParallel(model, broadcast_buffers=broadcast_buffers)   # binds at first forward
-        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
-        gen = torch.Generator().manual_seed(100 + rank)       # each rank its own data
-        for _ in range(4):
-            opt.zero_grad()
-            ddp(torch.randn(2, 3, 6, 6, generator=gen, requires_grad=True)).sum().backward()
-            opt.step()
-        torch.save({k: v.clone() for k, v in model.state_dict().items()}, f'{out_dir}/rank{rank}.pt')
-        # after an explicit broadcast (what DDP / SyncBuffersHook do) every buffer is identical
-        for buf in model.buffers():
-            dist.broadcast(buf, 0)
-        ddp(torch.randn(2, 3, 6, 6, generator=gen, requires_grad=True)).sum().backward()
-        torch.save({k: v.clone() for k, v in model.state_dict().items()}, f'{out_dir}/rank{rank}_after.pt')
+        _train_and_save(rank, out_dir, broadcast_buffers)
     finally:
+        # The DDP reducer must be gone before its process group: destroying the group first can
+        # deadlock gloo's teardown (it joins a thread that waits for the GIL).
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
 
 
+def _train_and_save(rank, out_dir, broadcast_buffers):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), CrossIterationBatchNorm2d(4, buffer_num=2),
+                          nn.ReLU())
+    ddp = DistributedDataParallel(model, broadcast_buffers=broadcast_buffers)   # binds at first forward
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(100 + rank)       # each rank its own data
+    for _ in range(4):
+        opt.zero_grad()
+        ddp(torch.randn(2, 3, 6, 6, generator=gen, requires_grad=True)).sum().backward()
+        opt.step()
+    torch.save({k: v.clone() for k, v in model.state_dict().items()}, f'{out_dir}/rank{rank}.pt')
+    # after an explicit broadcast (what DDP / SyncBuffersHook do) every buffer is identical
+    for buf in model.buffers():
+        dist.broadcast(buf, 0)
+    ddp(torch.randn(2, 3, 6, 6, generator=gen, requires_grad=True)).sum().backward()
+    torch.save({k: v.clone() for k, v in model.state_dict().items()}, f'{out_dir}/rank{rank}_after.pt')
+
+
 def _run(tmp_path, broadcast_buffers):
-    mp.spawn(_worker, args=(str(tmp_path / 'store'), str(tmp_path), broadcast_buffers), nprocs=WORLD, join=True)
+    spawn(_worker, args=(str(tmp_path / 'store'), str(tmp_path), broadcast_buffers), nprocs=WORLD)
     return [torch.load(tmp_path / f'rank{r}.pt') for r in range(WORLD)], \
         [torch.load(tmp_path / f'rank{r}_after.pt') for r in range(WORLD)]
 

@@ -4,9 +4,9 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from cbn_mmdet.ops.distributed import get_world_size, sync_weighted_mean
+from tests.dist_utils import spawn
 
 WORLD = 2
 
@@ -107,7 +107,7 @@ def _worker(rank, store_path, out_dir):
 
 
 def test_sync_weighted_mean_two_ranks(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path / 'store'), str(tmp_path)), nprocs=WORLD, join=True)
+    spawn(_worker, args=(str(tmp_path / 'store'), str(tmp_path)), nprocs=WORLD)
     results = [torch.load(tmp_path / f'rank{r}.pt') for r in range(WORLD)]
     assert [res['world_size'] for res in results] == [WORLD, WORLD]
     for case, (c0, c1, _, _) in enumerate(CASES):

@@ -4,10 +4,10 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from cbn_mmdet.ops.sync_bn import _TORCH_HAS_BIAS_KW, SyncBatchNorm
+from tests.dist_utils import spawn
 
 WORLD = 2
 TORCH_BN = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d,
@@ -238,7 +238,7 @@ def _worker(rank, store_path, out_dir):
 
 
 def test_two_ranks_match_single_process_batchnorm(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path / 'store'), str(tmp_path)), nprocs=WORLD, join=True)
+    spawn(_worker, args=(str(tmp_path / 'store'), str(tmp_path)), nprocs=WORLD)
     results = [torch.load(tmp_path / f'rank{r}.pt') for r in range(WORLD)]
 
     for case_id, case in enumerate(CASES):

@@ -1,10 +1,10 @@
 """SyncCBN with 2 gloo processes equals one process running CBN on the concatenated batch."""
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 
 from cbn_mmdet.ops import CrossIterationBatchNorm2d, SyncCrossIterationBatchNorm2d, bind_cbn_to_conv
+from tests.dist_utils import spawn
 
 WORLD = 2
 SPLITS = [(3, 1), (2, 2), (1, 3), (2, 0), (3, 1), (1, 2)]   # samples per rank at each iteration
@@ -63,7 +63,7 @@ def _worker(rank, store, out_dir):
 
 
 def test_two_ranks_equal_single_process_on_concatenated_batch(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path / 'store'), str(tmp_path)), nprocs=WORLD, join=True)
+    spawn(_worker, args=(str(tmp_path / 'store'), str(tmp_path)), nprocs=WORLD)
     ranks = [torch.load(tmp_path / f'rank{r}.pt') for r in range(WORLD)]
     conv, cbn = _model(sync=False)
     xs, probes = _batches()
