@@ -1,4 +1,4 @@
 """mmengine hooks for cbn_mmdet (registered in the root HOOKS registry on import)."""
-from .hooks import CBNBurnInHook, NormHealthHook
+from .hooks import CBNBurnInHook, NormHealthHook, RNGStateHook
 
-__all__ = ['CBNBurnInHook', 'NormHealthHook']
+__all__ = ['CBNBurnInHook', 'NormHealthHook', 'RNGStateHook']

@@ -1,4 +1,5 @@
 from .cbn_burnin_hook import CBNBurnInHook
 from .norm_health_hook import NormHealthHook
+from .rng_state_hook import RNGStateHook
 
-__all__ = ['CBNBurnInHook', 'NormHealthHook']
+__all__ = ['CBNBurnInHook', 'NormHealthHook', 'RNGStateHook']
