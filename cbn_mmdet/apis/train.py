@@ -61,6 +61,11 @@ def prepare_train_config(args, log=print):
         cfg.resume = True
         cfg.load_from = args.resume
 
+    # RNG states travel with every checkpoint, so that --resume continues bit-identically.
+    hooks = list(cfg.get('custom_hooks') or [])
+    if not any(isinstance(h, dict) and h.get('type') == 'RNGStateHook' for h in hooks):
+        cfg.custom_hooks = hooks + [dict(type='RNGStateHook')]
+
     ensure_config_data(cfg, logger=log)
     validate_config(cfg, 'train', world_size=launcher_world_size(args.launcher), logger=log)
     if args.resume not in (None, 'auto'):
