@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from ..ops import (BatchChannelNorm2d, CenteredConv2d, CrossIterationBatchNorm2d, MovingAverageBatchNorm2d,
-                   bind_cbn_to_conv)
+                   bind_cbn_to_conv, second_moment_weight_grad)
 from .memory import module_state_bytes, peak_step_bytes
 from .official_cbn import OfficialAlgorithmCBN
 
@@ -26,9 +26,30 @@ __all__ = ['ConvShape', 'NORMS', 'DEFAULT_NORMS', 'fpn_shapes', 'roi_shapes', 'd
 
 BUFFER_NUM = 3                    # the paper's window (buffer3)
 FAST_SAMPLE = 0.25                # stat_grad_sample of the 'CBN-fast' case
-# Display order; 'BN' is the reference of every ratio.
-NORMS = ('BN', 'GN', 'BCN', 'MABN', 'CBN', 'CBN-fast', 'CBN-official')
+# Display order; 'BN' is the reference of every ratio. 'BN+wgrad' is conv + BN + one extra conv
+# weight-gradient (that of dν/dW, nothing else): the compute floor of exact CBN, measured in the same run.
+NORMS = ('BN', 'GN', 'BCN', 'MABN', 'BN+wgrad', 'CBN', 'CBN-fast', 'CBN-official')
 DEFAULT_NORMS = NORMS
+
+
+class BNPlusWeightGrad(nn.BatchNorm2d):
+    """BatchNorm2d that also computes ``second_moment_weight_grad`` of its conv, and discards it."""
+
+    def __init__(self, num_features, conv):
+        super().__init__(num_features)
+        self._conv = (conv,)
+        self._input = None
+        conv.register_forward_pre_hook(self._capture)
+
+    def _capture(self, conv, args):
+        self._input = args[0]
+
+    def forward(self, x):
+        conv, inp, self._input = self._conv[0], self._input, None
+        with torch.no_grad():
+            second_moment_weight_grad(inp, x.detach(), conv.weight.shape, conv.stride, conv.padding, conv.dilation,
+                                      conv.groups)
+        return super().forward(x)
 
 
 @dataclass(frozen=True)
@@ -73,13 +94,20 @@ def roi_shapes(rois=(64, 128, 256, 512), sizes=(7, 14)):
             for s in sizes for r in rois]
 
 
+def issue_shapes():
+    """The shapes the performance issue measured the official algorithm at (2.3x, 2.7x BN)."""
+    return [ConvShape('issue', 'issue 3x3', 2, 256, 256, 32, 32, 3),
+            ConvShape('issue', 'issue 1x1', 2, 256, 256, 32, 32, 1)]
+
+
 def default_shapes(full=False):
     """``--full``: every FPN level at batch 1, 2, 4 (3x3 and 1x1) and every RoI shape; else a subset
-    that a 2-core CPU runs in minutes (the small FPN levels at batch 2, the smallest RoI batches)."""
+    that a 2-core CPU runs in minutes (the small FPN levels at batch 2, the smallest RoI batches). Both
+    include the issue's shapes (its third, 64 RoIs x 256 x 14 x 14, is the mask-head shape)."""
     if full:
-        return fpn_shapes() + roi_shapes()
+        return fpn_shapes() + roi_shapes() + issue_shapes()
     return (fpn_shapes(batches=(2,), levels=('P4', 'P5'))
-            + roi_shapes(rois=(64,), sizes=(7, 14)) + roi_shapes(rois=(256,), sizes=(7,)))
+            + roi_shapes(rois=(64,), sizes=(7, 14)) + roi_shapes(rois=(256,), sizes=(7,)) + issue_shapes())
 
 
 @dataclass
@@ -105,6 +133,8 @@ def build_norm(norm_name, channels, conv, batch):
     """The norm module of a case; binds CBN to ``conv``. Returns ``(norm, pass_weight)``."""
     if norm_name == 'BN':
         return nn.BatchNorm2d(channels), False
+    if norm_name == 'BN+wgrad':
+        return BNPlusWeightGrad(channels, conv), False
     groups = math.gcd(32, channels)    # 32 groups as in the configs (fewer for tiny test shapes)
     if norm_name == 'GN':
         return nn.GroupNorm(groups, channels), False

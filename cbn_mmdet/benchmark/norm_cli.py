@@ -31,6 +31,8 @@ def parse_args(argv=None):
     parser.add_argument('--profile', action='store_true', help='profile BN / CBN / official at one shape')
     parser.add_argument('--profile-shape', default='2,256,25,42,3', metavar='N,CIN,H,W,K[,COUT]',
                         help='the shape profiled by --profile (default: FPN P5 3x3 at batch 2)')
+    parser.add_argument('--profile-norms', default='BN,CBN,CBN-fast,CBN-official', help='cases for --profile')
+    parser.add_argument('--doc-tag', default='', help='suffix of the generated section names (e.g. before)')
     parser.add_argument('--fast-error', action='store_true', help='measure the fast mode error')
     parser.add_argument('--skip-timing', action='store_true', help='only --profile / --fast-error')
     return parser.parse_args(argv)
@@ -61,7 +63,7 @@ def run_timing(args, log):
 def run_profile(args):
     shape = _parse_shape(args.profile_shape)
     tables = {}
-    for name in ('BN', 'CBN', 'CBN-fast', 'CBN-official'):
+    for name in (n.strip() for n in args.profile_norms.split(',') if n.strip()):
         tables[name] = profile_case(name, shape, device=args.device)
     return shape, tables
 
@@ -126,6 +128,7 @@ def main(argv=None):
 
 def write_markdown(path, sections, machine, args):
     cmd = 'python tools/benchmark_norm.py ' + ' '.join(a for a in sys.argv[1:])
+    tag = f'-{args.doc_tag}' if args.doc_tag else ''
     if 'norm-benchmark' in sections:
         header, rows, mheader, mrows = sections['norm-benchmark']
         body = [f'Measured with `{cmd.strip()}` on: {machine}.', '',
@@ -138,15 +141,15 @@ def write_markdown(path, sections, machine, args):
                 '`max_memory_allocated`). The budget is the issue\'s `n·(3|W| + 2C) + 2|W|` floats; the '
                 'compared total is extra state + (CBN step peak − BN step peak).', '',
                 markdown_table(mheader, mrows)]
-        write_doc_section(path, 'norm-benchmark', '\n'.join(body))
+        write_doc_section(path, 'norm-benchmark' + tag, '\n'.join(body))
     if 'norm-profile' in sections:
         shape, tables = sections['norm-profile']
         body = [f'`{cmd.strip()}` on: {machine}. {shape.label}, 5 warmed-up steps each (self CPU time):', '']
         for name, table in tables.items():
             body += [f'conv + {name}:', '', '```', table.strip(), '```', '']
-        write_doc_section(path, 'norm-profile', '\n'.join(body))
+        write_doc_section(path, 'norm-profile' + tag, '\n'.join(body))
     if 'fast-mode-error' in sections:
         header, rows = sections['fast-mode-error']
         body = [f'`{cmd.strip()}` on: {machine}.', '', 'Relative error, median / 99th percentile over '
                 'channels (and window entries), steps after the window is full:', '', markdown_table(header, rows)]
-        write_doc_section(path, 'fast-mode-error', '\n'.join(body))
+        write_doc_section(path, 'fast-mode-error' + tag, '\n'.join(body))

@@ -2,10 +2,12 @@
 
 The official ``CBatchNorm2d`` (Howal/Cross-iterationBatchNorm) takes the conv weight in its forward and,
 per layer and per iteration, obtains ∂μ/∂W and ∂ν/∂W with two ``torch.autograd.grad`` calls (each a full
-conv weight-gradient), keeps the window in Python lists (newest first), compensates every entry in a
-Python loop, and normalises with autograd through the batch statistics. This module repeats exactly that
-algorithm (``shared/reference/algorithms.md``, "Its exact training forward") so that the benchmark can
-time it next to ours on the same machine. It is deliberately not registered anywhere.
+conv weight-gradient), keeps the window in Python lists (newest first), compensates every entry with
+broadcasted products over the whole weight, and normalises through autograd in a ``(C, N·H·W)`` layout
+(a transposed copy of the input, transposed back at the end). This module repeats that sequence of
+operations (semantics: ``shared/reference/algorithms.md``, "Its exact training forward") so that the
+benchmark times the official *implementation* of the algorithm next to ours on the same machine. It is
+deliberately not registered anywhere.
 """
 import torch
 import torch.nn as nn
@@ -39,45 +41,52 @@ class OfficialAlgorithmCBN(nn.Module):
         self.pre_mu, self.pre_meanx2, self.pre_dmudw, self.pre_dmeanx2dw, self.pre_weight = [], [], [], [], []
 
     def forward(self, x, weight):
+        c = x.shape[1]
+        flat = x.transpose(0, 1)
+        shape_t = flat.shape
+        flat = flat.contiguous().view(c, -1)                 # (C, N·H·W), a copy (official layout)
         if self.training and self.burnin > 0:
             self.count += 1
         use_window = (self.training and self.buffer_num > 0 and x.requires_grad
                       and (self.burnin == 0 or self.count > self.burnin))
-        if not self.training:
-            mean, var = self.running_mean, self.running_var
-        elif use_window:
-            cur_mu = x.mean((0, 2, 3))
-            cur_meanx2 = (x * x).mean((0, 2, 3))
+        if use_window:
+            cur_mu = flat.mean(dim=1)
+            cur_meanx2 = torch.pow(flat, 2).mean(dim=1)
+            cur_var = flat.var(dim=1)                        # unbiased: the running statistics
             ones = torch.ones_like(cur_mu)
             dmudw = torch.autograd.grad(cur_mu, weight, ones, retain_graph=True)[0]
             dmeanx2dw = torch.autograd.grad(cur_meanx2, weight, ones, retain_graph=True)[0]
-            mu_all, meanx2_all = [cur_mu], [cur_meanx2]
-            for mu, meanx2, dmu, dmeanx2, w_old in zip(self.pre_mu, self.pre_meanx2, self.pre_dmudw,
-                                                     self.pre_dmeanx2dw, self.pre_weight):
-                delta = weight.detach() - w_old
-                mu_all.append(mu + self.rho * (dmu * delta).sum((1, 2, 3)))
-                meanx2_all.append(meanx2 + self.rho * (dmeanx2 * delta).sum((1, 2, 3)))
-            mu_all, meanx2_all = torch.stack(mu_all), torch.stack(meanx2_all)
-            valid = (meanx2_all - mu_all ** 2 >= 0).to(x.dtype)
-            count = valid.sum(0)
-            mean = (valid * mu_all).sum(0) / count
-            var = (valid * meanx2_all).sum(0) / count - mean ** 2
-            self.pre_mu = ([cur_mu.detach()] + self.pre_mu)[:self.buffer_num]
-            self.pre_meanx2 = ([cur_meanx2.detach()] + self.pre_meanx2)[:self.buffer_num]
-            self.pre_dmudw = ([dmudw.detach()] + self.pre_dmudw)[:self.buffer_num]
-            self.pre_dmeanx2dw = ([dmeanx2dw.detach()] + self.pre_dmeanx2dw)[:self.buffer_num]
-            self.pre_weight = ([weight.detach().clone()] + self.pre_weight)[:self.buffer_num]
-            self._update_running(x)
+            w_now = weight.detach()
+            mu_all = torch.stack([cur_mu] + [
+                mu + (self.rho * d * (w_now - w_old)).sum(1).sum(1).sum(1)
+                for mu, d, w_old in zip(self.pre_mu, self.pre_dmudw, self.pre_weight)])
+            meanx2_all = torch.stack([cur_meanx2] + [
+                meanx2 + (self.rho * d * (w_now - w_old)).sum(1).sum(1).sum(1)
+                for meanx2, d, w_old in zip(self.pre_meanx2, self.pre_dmeanx2dw, self.pre_weight)])
+            var_all = meanx2_all - torch.pow(mu_all, 2)
+            kept_mu, kept_meanx2 = mu_all.clone(), meanx2_all.clone()
+            kept_mu[var_all < 0] = 0
+            kept_meanx2[var_all < 0] = 0
+            count = (var_all >= 0).sum(dim=0).float()
+            mean = kept_mu.sum(dim=0) / count
+            var = kept_meanx2.sum(dim=0) / count - torch.pow(mean, 2)
+            keep = self.buffer_num - 1
+            self.pre_mu = [cur_mu.detach()] + self.pre_mu[:keep]
+            self.pre_meanx2 = [cur_meanx2.detach()] + self.pre_meanx2[:keep]
+            self.pre_dmudw = [dmudw.detach()] + self.pre_dmudw[:keep]
+            self.pre_dmeanx2dw = [dmeanx2dw.detach()] + self.pre_dmeanx2dw[:keep]
+            self.pre_weight = [w_now.clone()] + self.pre_weight[:keep]
         else:
-            mean, var = x.mean((0, 2, 3)), x.transpose(0, 1).reshape(x.shape[1], -1).var(1)
-            self._update_running(x)
-        shape = (1, -1, 1, 1)
-        y = (x - mean.view(shape)) / (var.sqrt().view(shape) + self.eps)
-        return y * self.weight.view(shape) + self.bias.view(shape)
-
-    @torch.no_grad()
-    def _update_running(self, x):
-        flat = x.detach().transpose(0, 1).reshape(x.shape[1], -1)
-        m = self.momentum
-        self.running_mean.mul_(1 - m).add_(m * flat.mean(1))
-        self.running_var.mul_(1 - m).add_(m * flat.var(1))
+            mean = cur_mu = flat.mean(dim=1)
+            var = cur_var = flat.var(dim=1)
+        if not self.training:
+            mean, var = self.running_mean, self.running_var
+        else:
+            with torch.no_grad():
+                m = self.momentum
+                self.running_mean.mul_(1 - m).add_(m * cur_mu.detach())
+                self.running_var.mul_(1 - m).add_(m * cur_var.detach())
+        out = flat - mean.view(-1, 1)
+        out = out / (var.view(-1, 1) ** 0.5 + self.eps)
+        out = self.weight.view(-1, 1) * out + self.bias.view(-1, 1)
+        return out.view(shape_t).transpose(0, 1)
