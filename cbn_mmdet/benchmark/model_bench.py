@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..ops import CrossIterationBatchNorm2d, bind_cbn_convs
-from .memory import peak_step_bytes
+from .memory import module_state_bytes, peak_step_bytes
 from .official_cbn import OfficialAlgorithmCBN
 
 __all__ = ['MODEL_VARIANTS', 'DEFAULT_VARIANTS', 'build_detector', 'run_model_benchmark']
@@ -130,10 +130,14 @@ def run_model_benchmark(variants=DEFAULT_VARIANTS, repeats=3, warmup=3, device='
         optim.step()
         optim.zero_grad(set_to_none=True)
 
+    cuda = torch.device(device).type == 'cuda'
+
     def timed(name, seed):
+        if cuda:
+            torch.cuda.synchronize()
         start = time.perf_counter()
         step(name, seed)
-        if torch.device(device).type == 'cuda':
+        if cuda:
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
@@ -159,9 +163,21 @@ def run_model_benchmark(variants=DEFAULT_VARIANTS, repeats=3, warmup=3, device='
         res['box_rois'] = statistics.mean(counters[name].box) if counters[name].box else 0
         res['mask_rois'] = statistics.mean(counters[name].mask) if counters[name].mask else 0
         res['params'] = sum(p.numel() for p in models[name].parameters())
+        res['norm_state_bytes'] = _head_norm_state_bytes(models[name])
         if measure_peak:
             res['peak_bytes'] = peak_step_bytes(lambda: step(name, seed=warmup + repeats), device)
     return results
+
+
+def _head_norm_state_bytes(model):
+    """Persistent state of the norm layers in the FPN and the RoI heads (the backbone's is common to all)."""
+    from torch.nn.modules.batchnorm import _NormBase
+    total = 0
+    for part in (model.neck, model.roi_head):
+        for module in part.modules():
+            if isinstance(module, (_NormBase, nn.GroupNorm, OfficialAlgorithmCBN)):
+                total += module_state_bytes(module)
+    return total
 
 
 def model_rows(results):
@@ -173,6 +189,8 @@ def model_rows(results):
         rows.append([name, f"{res['median_s']:.2f}",
                      f"{res['median_s'] / bn['median_s']:.2f}x" if bn else '',
                      f"{res['median_s'] / base['median_s']:.2f}x" if base else '',
-                     fmt_bytes(res['peak_bytes']), f"{res['box_rois']:.0f} / {res['mask_rois']:.0f}"])
-    header = ['config', 'step s (median)', 'x BN config', 'x baseline', 'step peak memory', 'RoIs box / mask']
+                     fmt_bytes(res['peak_bytes']), fmt_bytes(res['norm_state_bytes']),
+                     f"{res['box_rois']:.0f} / {res['mask_rois']:.0f}"])
+    header = ['config', 'step s (median)', 'x BN config', 'x baseline', 'step peak memory',
+              'norm state (FPN + heads)', 'RoIs box / mask']
     return header, rows

@@ -1,6 +1,7 @@
 """Command line of ``tools/benchmark_model.py``: whole Mask R-CNN R-50-FPN training step per norm config."""
 import argparse
 import os
+import sys
 
 import torch
 
@@ -48,12 +49,14 @@ def main(argv=None):
     machine = machine_line(machine_info(args.device), load_before)
     print('\n' + machine)
     if args.markdown:
-        cmd = 'python tools/benchmark_model.py ' + ' '.join(os.sys.argv[1:])
+        cmd = 'python tools/benchmark_model.py ' + ' '.join(sys.argv[1:])
         body = [f'Measured with `{cmd.strip()}` on: {machine}.', '',
                 f'Median of {args.repeats} interleaved steps after {args.warmup} warm-up steps per model; a '
                 'step = preprocessing + forward with losses + backward + SGD step. Peak memory: tensors '
                 'allocated during one step (CPU: torch.profiler memory timeline; CUDA: max_memory_allocated). '
-                'RoIs: mean number of RoIs entering the box / mask head per step.', '',
+                'Norm state: bytes of the norm layers\' state (state_dict, buffers, attribute tensors such as the '
+                'official layer\'s list window) in the FPN and the RoI heads. RoIs: mean number of RoIs '
+                'entering the box / mask head per step.', '',
                 markdown_table(header, rows)]
         write_doc_section(args.markdown, 'model-benchmark', '\n'.join(body))
         print(f'wrote {args.markdown}')

@@ -21,8 +21,9 @@ from ..ops import (BatchChannelNorm2d, CenteredConv2d, CrossIterationBatchNorm2d
 from .memory import module_state_bytes, peak_step_bytes
 from .official_cbn import OfficialAlgorithmCBN
 
-__all__ = ['ConvShape', 'NORMS', 'DEFAULT_NORMS', 'fpn_shapes', 'roi_shapes', 'default_shapes', 'build_case',
-           'run_shape', 'run_norm_benchmark', 'NormResult']
+__all__ = ['ConvShape', 'NORMS', 'DEFAULT_NORMS', 'BNPlusWeightGrad', 'fpn_shapes', 'roi_shapes', 'issue_shapes',
+           'default_shapes', 'build_case', 'run_shape', 'run_norm_benchmark', 'NormResult', 'time_rows',
+           'memory_rows', 'profile_case']
 
 BUFFER_NUM = 3                    # the paper's window (buffer3)
 FAST_SAMPLE = 0.25                # stat_grad_sample of the 'CBN-fast' case
@@ -56,7 +57,7 @@ class BNPlusWeightGrad(nn.BatchNorm2d):
 class ConvShape:
     """A conv feeding a norm: input ``(n, cin, h, w)``, ``cout`` outputs, ``k``×``k`` kernel, stride 1."""
 
-    group: str        # 'FPN' or 'RoI'
+    group: str        # 'FPN', 'RoI' or 'issue'
     name: str
     n: int
     cin: int

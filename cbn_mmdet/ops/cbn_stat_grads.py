@@ -90,11 +90,11 @@ def sampled_second_moment_weight_grad(x, y, weight_shape, stride=1, padding=0, d
         about ``1/(rh·rw)`` of the cost of the exact weight-gradient.
 
     The grid is realised without copying the input: rows ``a + i·rh`` of a stride-``s`` conv with padding
-    ``p`` are the outputs of the same conv with stride ``s·rh`` and padding ``p − a·s`` (the input is
-    cropped by ``a·s − p`` rows only when that is negative). With the smaller padding, a shifted grid's
-    last row may need zero padding the strided conv does not have; that row is then left out of the
-    sample (and a grid that would be empty falls back to ``a = 0``). Columns likewise. A 1x1 conv without
-    padding and groups is a plain matrix product over the sampled positions.
+    ``p`` are the outputs of the same conv with stride ``s·rh`` and padding ``p − a·s`` (where ``a·s > p``,
+    padding 0 on the input cropped by ``a·s − p`` rows). With the smaller padding, a shifted grid's last
+    row may need zero padding the strided conv does not have; that row is then left out of the sample
+    (and a grid that would be empty falls back to ``a = 0``). Columns likewise. A 1x1 conv without
+    padding or groups is a plain matrix product over the gathered positions.
     """
     (rh, rw), (a, b) = _pair(step), _pair(phase)
     if (rh, rw) == (1, 1):
