@@ -496,7 +496,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self.num_fallbacks.add_(none_kept.any().long())
         kept_t = torch.where(none_kept, torch.ones_like(kept_t), kept_t)
         kept = torch.where(none_kept, torch.ones_like(kept), kept)
-        self._last_past_kept = past_kept / kept if self.window_weight.numel() > 0 else None
+        if self.grad_through_window:   # only that option reads the per-entry shares
+            self._last_past_kept = past_kept / kept if self.window_weight.numel() > 0 else None
         return kept_t / kept, past_mean_sum / kept, past_sq_sum / kept
 
     def _sample_grid(self, out_size):
