@@ -37,7 +37,7 @@ PIP=(pip_quiet)
 
 log "installing torch $TORCH_VERSION (CPU), mmengine $MMENGINE_VERSION and build tools"
 "${PIP[@]}" install "torch==$TORCH_VERSION" "setuptools<82" wheel ninja psutil \
-  "mmengine==$MMENGINE_VERSION" opencv-python-headless numpy pycocotools pytest matplotlib scikit-learn
+  "mmengine==$MMENGINE_VERSION" opencv-python-headless numpy pycocotools pytest matplotlib scikit-learn ruff
 
 PYTAG="$("$VENV/bin/python" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')"
 WHEELS="$CACHE/wheels/mmcv-$MMCV_VERSION-$PYTAG-torch$TORCH_VERSION"

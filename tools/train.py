@@ -4,14 +4,46 @@ Same arguments as mmdet's (config, --work-dir, --resume [CKPT], --amp, --auto-sc
 --launcher, --local-rank). In addition the config is validated before anything is written (missing
 dataset paths, unknown norm/conv types, a process count that does not divide ``global_batch_size``),
 checkpoints written by our own runs load under torch>=2.6, and ``--launcher pytorch`` also works on a
-CPU-only machine (gloo). The logic lives in ``cbn_mmdet.apis.train``.
+CPU-only machine (gloo). The logic lives in ``cbn_mmdet.engine.training``.
 """
+import argparse
 import os.path as osp
 import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))   # run from a checkout, uninstalled
 
-from cbn_mmdet.apis.train import main  # noqa: E402
+from cbn_mmdet.engine.config_checks import ConfigError  # noqa: E402
+from cbn_mmdet.engine.training import prepare_train_config, train  # noqa: E402
+from cbn_mmdet.utils.cli import add_cfg_options_arg, add_launcher_args, config_error_exit, set_local_rank_env  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='Train a detector (mmdet 3.x + cbn_mmdet)')
+    parser.add_argument('config', help='train config file path')
+    parser.add_argument('--work-dir', help='the dir to save logs and models')
+    parser.add_argument('--amp', action='store_true', default=False,
+                        help='enable automatic-mixed-precision training')
+    parser.add_argument('--auto-scale-lr', action='store_true', help='enable automatically scaling LR.')
+    parser.add_argument('--resume', nargs='?', type=str, const='auto',
+                        help='resume from the given checkpoint, or (no value) from the latest checkpoint '
+                        'in the work directory')
+    add_cfg_options_arg(parser)
+    add_launcher_args(parser)
+    args = parser.parse_args(argv)
+    set_local_rank_env(args.local_rank)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        cfg = prepare_train_config(args.config, work_dir=args.work_dir, cfg_options=args.cfg_options,
+                                   launcher=args.launcher, amp=args.amp, auto_scale_lr=args.auto_scale_lr,
+                                   resume=args.resume, log=lambda m: print(f'[cbn_mmdet] {m}', flush=True))
+    except ConfigError as err:
+        raise config_error_exit('tools/train.py', err) from None
+    return train(cfg)
+
 
 if __name__ == '__main__':
     main()

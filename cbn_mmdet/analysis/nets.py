@@ -9,9 +9,14 @@ At batch size 1 every norm still sees at least 16 values per channel.
 """
 import torch.nn as nn
 
-from ..ops import (BatchChannelNorm2d, CenteredConv2d, CrossIterationBatchNorm2d, MovingAverageBatchNorm2d,
-                   WeightStandardizedConv2d, bind_cbn_to_conv)
-from .window_bn import WindowBatchNorm2d
+from ..ops import (
+    BatchChannelNorm2d,
+    CenteredConv2d,
+    CrossIterationBatchNorm2d,
+    MovingAverageBatchNorm2d,
+    WeightStandardizedConv2d,
+    bind_cbn_to_conv,
+)
 
 __all__ = ['NORMS', 'WIDTHS', 'SmallConvNet', 'make_conv_norm']
 
@@ -31,8 +36,8 @@ def make_conv_norm(norm, in_channels, out_channels, *, batch_size=None, num_grou
       batch_size))``, i.e. moving averages over ``real_B / B`` iterations;
     * ``cbn``: ``nn.Conv2d`` + ``CrossIterationBatchNorm2d(buffer_num=cbn_buffer, burnin=cbn_burnin)``,
       bound to its conv; ``naive``: the same with ``rho=0`` (cross-iteration averaging, no compensation);
-    * ``cbn_fullgrad`` (diagnostic): :class:`~cbn_mmdet.analysis.window_bn.WindowBatchNorm2d`, CBN's
-      forward with the gradient also through the compensated past entries.
+    * ``cbn_fullgrad``: the same CBN with ``grad_through_window=True`` (the gradient also flows through
+      the compensated past entries).
     """
     if norm not in NORMS:
         raise ValueError(f'make_conv_norm: norm must be one of {NORMS}, got {norm!r}')
@@ -53,11 +58,9 @@ def make_conv_norm(norm, in_channels, out_channels, *, batch_size=None, num_grou
         return conv, nn.BatchNorm2d(out_channels)
     if norm == 'gn':
         return conv, nn.GroupNorm(num_groups, out_channels)
-    if norm == 'cbn_fullgrad':
-        return conv, WindowBatchNorm2d(out_channels, conv, buffer_num=cbn_buffer, burnin=cbn_burnin,
-                                       grad_through_window=True)
     layer = CrossIterationBatchNorm2d(out_channels, buffer_num=cbn_buffer, burnin=cbn_burnin,
-                                      rho=1.0 if norm == 'cbn' else 0.0)
+                                      rho=0.0 if norm == 'naive' else 1.0,
+                                      grad_through_window=norm == 'cbn_fullgrad')
     if cbn_buffer > 0:
         bind_cbn_to_conv(layer, conv)
     return conv, layer

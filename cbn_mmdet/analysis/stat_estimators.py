@@ -6,16 +6,15 @@ For one conv layer ``y = conv(x, W)`` (no bias, ``groups=1``) an iteration leave
 channels) and ``∂ν/∂W = 2·E[y·x_patch]``. These are exactly the quantities ``CrossIterationBatchNorm2d``
 keeps in its ``window_*`` buffers, computed with the same closed-form functions of ``cbn_mmdet.ops``.
 
-:func:`window_estimate` reproduces the layer's aggregation with torch ops (tests check it against the
-layer): every past entry is moved to the current weight ``W_t`` by a first-order Taylor step::
+:func:`compensate` moves one past entry to the current weight ``W_t`` by CBN's first-order Taylor step
+(for the study's per-entry drift table; tests check it against the layer)::
 
     μ_τ(W_t) ≈ μ_τ + ρ_μ·Σ_k (W_t − W_τ)[c, k]·∂μ_τ/∂W[k]
     ν_τ(W_t) ≈ ν_τ + ρ_ν·Σ_k (W_t − W_τ)[c, k]·∂ν_τ/∂W[c, k]
 
-entries whose ``ν − μ²`` is negative are dropped, ``μ̄`` is the mean of the kept ``μ`` and
-``σ̄² = mean(kept ν) − μ̄²``. ``(ρ_μ, ρ_ν) = (1, 1)`` is CBN, ``(0, 0)`` naive cross-iteration
-averaging, ``(1, 0)`` CBN without the ν-compensation. A window of one entry is plain BN on the current
-batch (biased variance, as torch BN normalises).
+The window estimates themselves (naive, CBN, CBN without the ν-compensation) come from the real layer
+(:mod:`cbn_mmdet.analysis.cbn_probe`); :func:`pooled_moments` pools exact statistics (BN on the current
+batch, the diagnostic and oracle estimators).
 
 Errors against the true statistics ``(μ, σ²)`` (averaged over channels)::
 
@@ -28,11 +27,12 @@ import torch.nn.functional as F
 
 from ..ops import mean_input_patch, second_moment_weight_grad
 
-__all__ = ['ESTIMATORS', 'WindowEntry', 'record_entry', 'exact_entry', 'compensate', 'window_estimate',
+__all__ = ['ESTIMATORS', 'WindowEntry', 'record_entry', 'exact_entry', 'compensate', 'pooled_moments',
            'mean_error', 'var_error', 'batch_moments']
 
-# name -> (rho for μ, rho for ν); the window estimators of the study.
-ESTIMATORS = {'naive': (0.0, 0.0), 'cbn': (1.0, 1.0), 'cbn_mean_only': (1.0, 0.0)}
+# name -> (rho, compensate ν): the window estimators of the study, all computed by the real
+# CrossIterationBatchNorm2d (``cbn_probe``); ``cbn_mean_only`` is CBN with its stored ∂ν/∂W zeroed.
+ESTIMATORS = {'naive': (0.0, True), 'cbn': (1.0, True), 'cbn_mean_only': (1.0, False)}
 
 
 @dataclass
@@ -84,35 +84,15 @@ def compensate(entry, weight_t, rho_mean=1.0, rho_sq=1.0):
     return mean, sq
 
 
-def window_estimate(current, past, weight_t=None, rho_mean=1.0, rho_sq=1.0):
-    """``(μ̄, σ̄²)`` from the ``current`` entry (used as is) and the ``past`` entries (compensated).
-
-    Mirrors ``CrossIterationBatchNorm2d._aggregate``: an entry (the current one included) whose
-    ``ν − μ²`` is negative is dropped per channel; if none is left, the current entry alone is used.
-
-    Args:
-        current (WindowEntry | tuple): the current iteration (a ``(μ, ν)`` tuple is accepted).
-        past (list): past entries, each a :class:`WindowEntry` (compensated to ``weight_t``) or a
-            ``(μ, ν)`` tuple of already-exact statistics (used as is).
-        weight_t (Tensor): the current weight; default ``current.weight``.
-    """
-    cur_mean, cur_sq = (current.mean, current.sq) if isinstance(current, WindowEntry) else current
-    if weight_t is None and past and isinstance(current, WindowEntry):
-        weight_t = current.weight
-    means, sqs = [cur_mean], [cur_sq]
-    for entry in past:
-        if isinstance(entry, WindowEntry):
-            mean, sq = compensate(entry, weight_t, rho_mean, rho_sq)
-        else:
-            mean, sq = entry
-        means.append(mean)
-        sqs.append(sq)
-    means, sqs = torch.stack(means), torch.stack(sqs)
-    keep = (sqs - means * means >= 0).to(means.dtype)
-    kept = keep.sum(0)
-    none = kept == 0
-    mean = torch.where(none, cur_mean, (keep * means).sum(0) / kept.clamp_min(1))
-    sq = torch.where(none, cur_sq, (keep * sqs).sum(0) / kept.clamp_min(1))
+def pooled_moments(entries):
+    """``(μ̄, σ̄²)`` pooled over ``entries``, each a :class:`WindowEntry` or an exact ``(μ, ν)`` pair:
+    ``μ̄`` = mean of the ``μ``, ``σ̄² = mean(ν) − μ̄²`` (equal-size batches). One entry: BN's biased
+    statistics of that batch; exact statistics of several batches: those of their union. No Taylor
+    step and no dropped entries (exact pairs always have ``ν ≥ μ²``): for the compensated window
+    estimators see :func:`cbn_mmdet.analysis.cbn_probe.cbn_window_statistics` (the real layer)."""
+    pairs = [(e.mean, e.sq) if isinstance(e, WindowEntry) else e for e in entries]
+    mean = torch.stack([m for m, _ in pairs]).mean(0)
+    sq = torch.stack([q for _, q in pairs]).mean(0)
     return mean, (sq - mean * mean).clamp_min(0)
 
 

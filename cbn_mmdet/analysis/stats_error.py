@@ -22,6 +22,8 @@ Estimators (``window`` k = ``buffer_num + 1``; at k = 1 all equal ``bn``):
 * ``naive``: CBN with ``rho=0`` (past statistics used as they were recorded);
 * ``cbn``: CBN's compensated estimate (Taylor step in the layer's own weight, μ and ν);
 * ``cbn_mean_only``: μ compensated, ν not;
+
+  (these three are what the real ``CrossIterationBatchNorm2d`` normalises with, see ``cbn_probe``)
 * ``own_layer`` (diagnostic): past inputs, the layer's current weight applied *exactly*: the best any
   compensation in the layer's own weight can do (equal to ``cbn`` for μ, which is linear in ``W``);
 * ``recompute`` (oracle): the past mini-batches re-run through the whole current network: only
@@ -42,10 +44,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .cbn_probe import cbn_window_statistics
 from .data import load_dataset
 from .nets import POOL_AFTER, SmallConvNet
-from .stat_estimators import (ESTIMATORS, exact_entry, compensate, mean_error, record_entry, var_error,
-                              window_estimate)
+from .stat_estimators import ESTIMATORS, compensate, exact_entry, mean_error, pooled_moments, record_entry, var_error
 
 __all__ = ['StatsErrorConfig', 'GhostBatchNorm2d', 'probe_forward', 'run_trajectory', 'run_stats_error', 'summarise',
            'markdown_summary', 'plot_stats_error', 'ALL_ESTIMATORS']
@@ -209,7 +211,7 @@ def run_trajectory(cfg, data, batch_size, lr, seed, sweep='main'):
     with torch.no_grad():   # the driver net in "large-batch BN" mode on held-out images
         acc = (_probe_logits(net, x_test.double()).argmax(1) == data[3]).double().mean().item()
     info = dict(base, final_loss=float(np.mean(losses[-tail:])), test_acc=acc, seconds=time.perf_counter() - start,
-                **{f'step_move_l{l}': float(np.mean(m)) for l, m in enumerate(step_moves)})
+                **{f'step_move_l{layer}': float(np.mean(m)) for layer, m in enumerate(step_moves)})
     return error_rows, drift_rows, info
 
 
@@ -233,14 +235,17 @@ def _evaluate(cfg, net, history, truth):
             if num_past else []
         own_layer = [exact_entry(conv, h['inputs'][layer], weight_t) for h in hist[1:]]
         past = [h['entries'][layer] for h in hist[1:]]
+        past_runs = [(h['inputs'][layer], h['entries'][layer].weight) for h in hist[1:]]
         for k in cfg.windows:
             if k - 1 > num_past:
                 continue
-            estimates = {'bn': window_estimate(current, [])}
-            for name, (rho_mean, rho_sq) in ESTIMATORS.items():
-                estimates[name] = window_estimate(current, past[:k - 1], weight_t, rho_mean, rho_sq)
-            estimates['own_layer'] = window_estimate(current, own_layer[:k - 1])
-            estimates['recompute'] = window_estimate(current, recompute[:k - 1])
+            estimates = {'bn': pooled_moments([current])}
+            for name, (rho, compensate_sq) in ESTIMATORS.items():
+                # the real CBN layer fed this window (a window of one is BN on the current batch)
+                estimates[name] = cbn_window_statistics(conv, past_runs[:k - 1], hist[0]['inputs'][layer], weight_t,
+                                                        rho, compensate_sq) if k > 1 else estimates['bn']
+            estimates['own_layer'] = pooled_moments([current] + own_layer[:k - 1])
+            estimates['recompute'] = pooled_moments([current] + recompute[:k - 1])
             drift_k = _rel_norm(weight_t, past[k - 2].weight) if k > 1 else 0.0
             for name in ALL_ESTIMATORS:
                 mean, var = estimates[name]
@@ -298,8 +303,9 @@ def summarise(rows, keys, values=('mean_err', 'var_err')):
     return out
 
 
-def run_stats_error(cfg, log=print):
+def run_stats_error(cfg, log=None):
     """Run the whole study, write CSVs and PNGs to ``cfg.out``; return the summary rows and file paths."""
+    log = log or (lambda message: None)   # the tools pass print
     torch.set_num_threads(cfg.threads)
     os.makedirs(cfg.out, exist_ok=True)
     data = load_dataset(cfg.dataset)
@@ -315,7 +321,7 @@ def run_stats_error(cfg, log=print):
             infos.append(info)
             log(f'[stats_error] b={batch_size} lr={lr:g} seed={seed}: final loss {info["final_loss"]:.3f}, '
                 f'test acc {100 * info["test_acc"]:.1f}%, '
-                f'per-step weight move {np.mean([info[f"step_move_l{l}"] for l in range(4)]):.2e}, '
+                f'per-step weight move {np.mean([info[f"step_move_l{layer}"] for layer in range(4)]):.2e}, '
                 f'{info["seconds"]:.1f} s')
     # The lr sweep's centre point is the main run at lr_sweep_batch.
     lr_rows = [r for r in errors if r['batch_size'] == cfg.lr_sweep_batch]
@@ -387,7 +393,7 @@ def markdown_summary(cfg, summary_main, summary_lr, drift_layers, phases, infos,
               '| lr | per-step weight move | ' + ' | '.join(f'{n} mean / var' for n in names) + ' |',
               '|---' * (len(names) + 2) + '|']
     for lr in sorted({r['lr'] for r in summary_lr}):
-        moves = [np.mean([i[f'step_move_l{l}'] for l in range(4)]) for i in infos
+        moves = [np.mean([i[f'step_move_l{layer}'] for layer in range(4)]) for i in infos
                  if i['batch_size'] == cfg.lr_sweep_batch and i['lr'] == lr]
         cells = []
         for name in names:
@@ -399,7 +405,7 @@ def markdown_summary(cfg, summary_main, summary_lr, drift_layers, phases, infos,
               '| sweep | batch | lr | seed | final loss | test acc | per-step weight move (layers 0-3) |',
               '|---|---|---|---|---|---|---|']
     for i in infos:
-        moves = ', '.join(f"{i[f'step_move_l{l}']:.1e}" for l in range(4))
+        moves = ', '.join(f"{i[f'step_move_l{layer}']:.1e}" for layer in range(4))
         lines.append(f"| {i['sweep']} | {i['batch_size']} | {i['lr']:g} | {i['seed']} | {i['final_loss']:.3f} | "
                      f"{100 * i['test_acc']:.1f}% | {moves} |")
     lines.append('')

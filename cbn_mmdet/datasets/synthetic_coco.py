@@ -13,9 +13,8 @@ Layout (``out_dir``)::
     annotations/instances_train.json   annotations/instances_val.json
     meta.json
 
-Command line: ``python -m cbn_mmdet.datasets [OUT_DIR] [--seed S] [--num-train N] ...``.
+Command line: ``python tools/misc/synthetic_coco.py [OUT_DIR] [--seed S] [--num-train N] ...``.
 """
-import argparse
 import json
 import math
 import os
@@ -239,23 +238,3 @@ def ensure_synthetic_coco(out_dir, **params):
         return False
     generate_synthetic_coco(out_dir, **params)
     return True
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description='Generate the synthetic COCO-format shapes dataset')
-    parser.add_argument('out_dir', nargs='?', default='data/synthetic_coco')
-    for key, value in DEFAULT_PARAMS.items():
-        parser.add_argument('--' + key.replace('_', '-'), type=int, default=value)
-    parser.add_argument('--force', action='store_true', help='regenerate even if it exists')
-    args = parser.parse_args(argv)
-    params = {key: getattr(args, key) for key in DEFAULT_PARAMS}
-    if args.force:
-        generate_synthetic_coco(args.out_dir, **params)
-        print(f'generated {args.out_dir}')
-    else:
-        made = ensure_synthetic_coco(args.out_dir, **params)
-        print(f"{'generated' if made else 'reused'} {args.out_dir}")
-
-
-if __name__ == '__main__':
-    main()

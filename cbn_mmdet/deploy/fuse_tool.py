@@ -1,8 +1,12 @@
-"""Logic of ``tools/deploy/fuse_norm.py``: build a detector, load a checkpoint, fuse, verify, save."""
+"""The command line of ``tools/deploy/fuse_norm.py`` (argument parsing and the printed report).
+
+The library function is :func:`cbn_mmdet.deploy.fuse_detector.fuse_detector`.
+"""
 import argparse
-import copy
 
 import torch
+
+from .fuse_detector import fuse_detector
 
 
 def parse_args(argv=None):
@@ -17,38 +21,9 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def verify(model, fused, shape, seed=0):
-    """Max abs difference of the backbone+neck features of the two models on a random batch."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, 3, *shape, generator=gen)
-    with torch.no_grad():
-        ref, out = model.extract_feat(x), fused.extract_feat(x)
-    ref = ref if isinstance(ref, (tuple, list)) else (ref, )
-    out = out if isinstance(out, (tuple, list)) else (out, )
-    return max(float((a - b).abs().max()) for a, b in zip(ref, out))
-
-
 def main(argv=None):
-    from mmdet.registry import MODELS
-    from mmdet.utils import register_all_modules
-    from mmengine.config import Config
-    from mmengine.runner import load_checkpoint
-
-    import cbn_mmdet  # noqa: F401  (registration)
-    from cbn_mmdet.apis.checkpoint import trusted_checkpoints
-    from cbn_mmdet.deploy import fuse_norm_layers
-
     args = parse_args(argv)
-    register_all_modules()
-    cfg = Config.fromfile(args.config)
-    model = MODELS.build(cfg.model)
-    if args.checkpoint:
-        with trusted_checkpoints(paths=[args.checkpoint]):
-            load_checkpoint(model, args.checkpoint, map_location='cpu')
-    model.eval()
-    fused = copy.deepcopy(model)
-    report = fuse_norm_layers(fused)
-    diff = verify(model, fused, tuple(args.shape))
+    fused, report, diff = fuse_detector(args.config, args.checkpoint, tuple(args.shape))
     print(f'fused {len(report["fused"])} norm layers; kept {len(report["kept"])}')
     for name, reason in report['kept'].items():
         print(f'  kept {name}: {reason}')

@@ -16,7 +16,7 @@
 _base_ = '../cbn/mask_rcnn_r50_fpn_baseline_1x.py'
 
 data_root = 'data/synthetic_coco/'
-# tools/train.py (cbn_mmdet.apis.common.ensure_config_data) generates this dataset if it is missing.
+# tools/train.py (cbn_mmdet.engine.runner_setup.ensure_config_data) generates this dataset if it is missing.
 synthetic_data = dict(out_dir=data_root, seed=0, num_train=160, num_val=40, image_size=128)
 metainfo = dict(classes=('rectangle', 'ellipse', 'triangle'),
                 palette=[(220, 20, 60), (0, 128, 255), (60, 180, 75)])

@@ -1,4 +1,4 @@
-# Faster R-CNN R-50-FPN with BCN + WS everywhere (Qiao et al., arXiv 1903.10520): weight-standardized
+# Faster R-CNN R-50-FPN with BCN + WS everywhere (arXiv 1911.09738, 1903.10520): weight-standardized
 # convs + Batch-Channel Normalization (32 groups, estimated statistics) in the backbone,
 # the FPN and the 4conv1fc box head (configs/_base_/norms/bcn_ws.py).
 # Same schedule and batch as the CBN-paper rows (1x, 4 GPUs x 4 images, lr 0.02).

@@ -1,10 +1,10 @@
 """Every config under configs/ loads, builds, and carries the papers' settings.
 
-The expected values come from a reference table written here from the papers
-(shared/reference/algorithms.md: the CBN detection configs and their table; WS/BCN; MABN) -- not read
-back from the configs -- and are compared field by field with the loaded config and with the model
-it builds (layer classes in the backbone, the FPN and the RoI heads, head structure, frozen BN).
-Models are built on CPU without loading weights and without any forward pass.
+The expected values come from a reference table written here from the papers (docs/papers.md: the
+CBN detection configs and their table; WS/BCN; MABN) -- not read back from the configs -- and are
+compared field by field with the loaded config and with the model it builds (layer classes in the
+backbone, the FPN and the RoI heads, head structure, frozen BN). Models are built on CPU without
+loading weights and without any forward pass.
 """
 import copy
 import functools
@@ -19,9 +19,15 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import cbn_mmdet  # noqa: F401  (registers the layers and the hook)
 from cbn_mmdet.engine import CBNBurnInHook
-from cbn_mmdet.ops import (BatchChannelNorm2d, CenteredConv2d, CrossIterationBatchNorm2d,
-                           MovingAverageBatchNorm2d, SyncBatchNorm, WeightStandardizedConv2d,
-                           bind_cbn_convs)
+from cbn_mmdet.ops import (
+    BatchChannelNorm2d,
+    CenteredConv2d,
+    CrossIterationBatchNorm2d,
+    MovingAverageBatchNorm2d,
+    SyncBatchNorm,
+    WeightStandardizedConv2d,
+    bind_cbn_convs,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / 'configs'

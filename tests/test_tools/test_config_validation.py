@@ -5,16 +5,19 @@ import sys
 
 import pytest
 
-from cbn_mmdet.apis import train as train_api
-from cbn_mmdet.apis.test import main as run_test_tool
-from cbn_mmdet.apis.validate import ConfigError, registered_conv_types, registered_norm_types
+from cbn_mmdet.engine.config_checks import ConfigError, registered_conv_types, registered_norm_types
+from cbn_mmdet.engine.testing import COCO_METRICS
+from cbn_mmdet.engine.training import prepare_train_config
+from tests.tiny_config import ROOT, load_tool
 
-from .conftest import ROOT
+train_tool = load_tool('train.py')
+test_tool = load_tool('test.py')
+run_test_tool = test_tool.main
 
 
 def _train_error(argv):
     with pytest.raises(SystemExit) as info:
-        train_api.main(argv)
+        train_tool.main(argv)
     return str(info.value.code)
 
 
@@ -74,12 +77,13 @@ def test_process_count_must_divide_the_global_batch(tiny_cbn_config, tmp_path, m
 
 def test_global_batch_sets_the_per_process_batch(tiny_cbn_config, tmp_path, monkeypatch):
     monkeypatch.setenv('WORLD_SIZE', '4')
-    args = train_api.parse_train_args([tiny_cbn_config, '--work-dir', str(tmp_path / 'wd'), '--launcher',
-                                       'pytorch', '--cfg-options', 'global_batch_size=16'])
-    cfg = train_api.prepare_train_config(args, log=lambda m: None)
+    args = train_tool.parse_args([tiny_cbn_config, '--work-dir', str(tmp_path / 'wd'), '--launcher',
+                                  'pytorch', '--cfg-options', 'global_batch_size=16'])
+    options = dict(work_dir=args.work_dir, launcher=args.launcher, cfg_options=args.cfg_options, log=lambda m: None)
+    cfg = prepare_train_config(args.config, **options)
     assert cfg.train_dataloader.batch_size == 4
     monkeypatch.setenv('WORLD_SIZE', '1')        # one process: the config's batch stays
-    cfg = train_api.prepare_train_config(args, log=lambda m: None)
+    cfg = prepare_train_config(args.config, **options)
     assert cfg.train_dataloader.batch_size == 2
     assert not (tmp_path / 'wd').exists()
 
@@ -103,4 +107,16 @@ def test_cli_exit_code_and_message(tiny_cbn_config, tmp_path, subprocess_env):
     assert proc.returncode == 1
     assert "tools/train.py: config error: model.neck.norm_cfg.type = 'Nope'" in proc.stderr
     assert 'Traceback' not in proc.stderr
+    assert not work_dir.exists()
+
+
+def test_bad_metric_is_one_clear_error_before_anything(tmp_path):
+    work_dir = tmp_path / 'wd'
+    # neither the checkpoint nor the config is looked at: the metric is refused first
+    with pytest.raises(SystemExit) as info:
+        run_test_tool([str(tmp_path / 'no_config.py'), str(tmp_path / 'no.pth'), '--work-dir', str(work_dir),
+                       '--eval', 'bbox', 'mAP'])
+    message = str(info.value.code)
+    assert "unsupported metric(s) ['mAP']" in message
+    assert 'supported (CocoMetric): ' + ', '.join(COCO_METRICS) in message
     assert not work_dir.exists()

@@ -6,7 +6,7 @@ import subprocess
 
 import torch
 
-from .conftest import ROOT
+from tests.tiny_config import ROOT
 
 
 def _free_port():

@@ -8,22 +8,18 @@ seen per run), then writes a Markdown table, a CSV and a plot of test accuracy v
     python tools/analysis/small_batch_bench.py --quick --dataset synthetic --out /tmp/sb
 """
 import argparse
+import os.path as osp
+import sys
 
-from cbn_mmdet.analysis.data import DATASETS
-from cbn_mmdet.analysis.nets import NORMS
-from cbn_mmdet.analysis.small_batch import BenchConfig, run_bench
+sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))   # run from a checkout
 
+from cbn_mmdet.analysis.data import DATASETS  # noqa: E402
+from cbn_mmdet.analysis.nets import NORMS  # noqa: E402
+from cbn_mmdet.analysis.small_batch import BenchConfig, run_bench  # noqa: E402
+from cbn_mmdet.utils.cli import choice_list, config_overrides, int_list  # noqa: E402
 
-def _ints(text):
-    return tuple(int(v) for v in text.split(','))
-
-
-def _norms(text):
-    norms = tuple(text.split(','))
-    unknown = [n for n in norms if n not in NORMS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f'unknown norm(s) {unknown}; choose from {NORMS}')
-    return norms
+# the BenchConfig fields settable from the command line (besides --out and --dataset)
+OPTIONS = ('norms', 'batch_sizes', 'seeds', 'epochs', 'base_lr', 'base_batch', 'cbn_buffer', 'cbn_burnin', 'threads')
 
 
 def parse_args(argv=None):
@@ -31,9 +27,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--out', default=d.out, help='output folder (default: %(default)s)')
     p.add_argument('--dataset', default=d.dataset, choices=DATASETS)
-    p.add_argument('--norms', type=_norms, help=f'comma-separated subset of {NORMS}')
-    p.add_argument('--batch-sizes', type=_ints, help=f'default: {d.batch_sizes}')
-    p.add_argument('--seeds', type=_ints, help=f'default: {d.seeds}')
+    p.add_argument('--norms', type=choice_list(NORMS), help=f'comma-separated subset of {NORMS}')
+    p.add_argument('--batch-sizes', type=int_list, help=f'default: {d.batch_sizes}')
+    p.add_argument('--seeds', type=int_list, help=f'default: {d.seeds}')
     p.add_argument('--epochs', type=float, help=f'passes over the training split per run (default: {d.epochs})')
     p.add_argument('--base-lr', type=float, help=f'lr at batch --base-batch, scaled linearly (default: {d.base_lr})')
     p.add_argument('--base-batch', type=int, help=f'default: {d.base_batch}')
@@ -46,12 +42,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    names = {'norms', 'batch_sizes', 'seeds', 'epochs', 'base_lr', 'base_batch', 'cbn_buffer', 'cbn_burnin',
-             'threads'}
-    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    overrides.update(out=args.out, dataset=args.dataset)
+    overrides = dict(config_overrides(args, OPTIONS), out=args.out, dataset=args.dataset)
     cfg = BenchConfig.quick(**overrides) if args.quick else BenchConfig(**overrides)
-    return run_bench(cfg)
+    return run_bench(cfg, log=print)
 
 
 if __name__ == '__main__':

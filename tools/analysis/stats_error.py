@@ -9,17 +9,18 @@ the current weights. Writes CSVs, a Markdown summary and PNG plots to ``--out``.
     python tools/analysis/stats_error.py --quick --dataset synthetic --out /tmp/se
 """
 import argparse
+import os.path as osp
+import sys
 
-from cbn_mmdet.analysis.data import DATASETS
-from cbn_mmdet.analysis.stats_error import StatsErrorConfig, run_stats_error
+sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))   # run from a checkout
 
+from cbn_mmdet.analysis.data import DATASETS  # noqa: E402
+from cbn_mmdet.analysis.stats_error import StatsErrorConfig, run_stats_error  # noqa: E402
+from cbn_mmdet.utils.cli import config_overrides, float_list, int_list  # noqa: E402
 
-def _ints(text):
-    return tuple(int(v) for v in text.split(','))
-
-
-def _floats(text):
-    return tuple(float(v) for v in text.split(','))
+# the StatsErrorConfig fields settable from the command line (besides --out and --dataset)
+OPTIONS = ('batch_sizes', 'global_batch', 'windows', 'seeds', 'iters', 'num_evals', 'lr', 'lr_sweep',
+           'lr_sweep_batch', 'threads')
 
 
 def parse_args(argv=None):
@@ -27,15 +28,16 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--out', default=d.out, help='output folder (default: %(default)s)')
     p.add_argument('--dataset', default=d.dataset, choices=DATASETS)
-    p.add_argument('--batch-sizes', type=_ints, help=f'comma-separated (default: {d.batch_sizes})')
+    p.add_argument('--batch-sizes', type=int_list, help=f'comma-separated (default: {d.batch_sizes})')
     p.add_argument('--global-batch', type=int,
                    help=f'images per SGD step, BN per chunk of --batch-sizes (default: {d.global_batch})')
-    p.add_argument('--windows', type=_ints, help=f'window sizes k = buffer_num + 1 (default: {d.windows})')
-    p.add_argument('--seeds', type=_ints, help=f'default: {d.seeds}')
+    p.add_argument('--windows', type=int_list, help=f'window sizes k = buffer_num + 1 (default: {d.windows})')
+    p.add_argument('--seeds', type=int_list, help=f'default: {d.seeds}')
     p.add_argument('--iters', type=int, help=f'training iterations per trajectory (default: {d.iters})')
     p.add_argument('--num-evals', type=int, help=f'evaluation iterations per trajectory (default: {d.num_evals})')
     p.add_argument('--lr', type=float, help=f'learning rate of the main sweep (default: {d.lr})')
-    p.add_argument('--lr-sweep', type=_floats, help=f'extra learning rates at --lr-sweep-batch (default: {d.lr_sweep})')
+    p.add_argument('--lr-sweep', type=float_list,
+                   help=f'extra learning rates at --lr-sweep-batch (default: {d.lr_sweep})')
     p.add_argument('--lr-sweep-batch', type=int, help=f'default: {d.lr_sweep_batch}')
     p.add_argument('--threads', type=int, help=f'torch threads (default: {d.threads})')
     p.add_argument('--quick', action='store_true', help='a tiny run (for tests and smoke checks)')
@@ -44,12 +46,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    names = {'batch_sizes', 'global_batch', 'windows', 'seeds', 'iters', 'num_evals', 'lr', 'lr_sweep', 'lr_sweep_batch',
-             'threads'}
-    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    overrides.update(out=args.out, dataset=args.dataset)
+    overrides = dict(config_overrides(args, OPTIONS), out=args.out, dataset=args.dataset)
     cfg = StatsErrorConfig.quick(**overrides) if args.quick else StatsErrorConfig(**overrides)
-    return run_stats_error(cfg)
+    return run_stats_error(cfg, log=print)
 
 
 if __name__ == '__main__':

@@ -1,3 +1,4 @@
+"""mmengine hooks, one per file; ``cbn_mmdet.models.registry`` registers them in the root ``HOOKS``."""
 from .cbn_burnin_hook import CBNBurnInHook
 from .norm_health_hook import NormHealthHook
 from .rng_state_hook import RNGStateHook

@@ -6,11 +6,10 @@ burn-in ended after 8 iterations; that behaviour stays available as the layer's 
 
 This hook switches ``window_enabled`` on every CBN layer of the model from the runner's epoch (or
 iteration) before each one. The switch is a pure function of the runner's position, so resuming from a
-checkpoint needs no extra state.
+checkpoint needs no extra state. ``cbn_mmdet.models.registry`` registers it as ``type='CBNBurnInHook'``.
 """
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
-from mmengine.registry import HOOKS
 
 from ...ops.cross_iter_bn import CrossIterationBatchNorm2d
 
@@ -21,7 +20,6 @@ def cbn_layers(model):
     return [m for m in model.modules() if isinstance(m, CrossIterationBatchNorm2d)]
 
 
-@HOOKS.register_module(force=True)
 class CBNBurnInHook(Hook):
     """Keep CBN layers in plain-BN mode for the first ``burnin_epochs`` epochs or ``burnin_iters`` iters.
 

@@ -1,6 +1,6 @@
-# BCN + WS (Qiao et al., arXiv 1903.10520): weight-standardized convs (`WSConv`) followed by
-# Batch-Channel Normalization, i.e. per-channel batch normalization then group normalization over 32
-# groups, then the affine. Used in the backbone, the FPN and the RoI heads.
+# BCN (Qiao et al., arXiv 1911.09738) + WS (Qiao et al., arXiv 1903.10520): weight-standardized convs
+# (`WSConv`) followed by Batch-Channel Normalization, i.e. per-channel batch normalization then group
+# normalization over 32 groups, then the affine. Used in the backbone, the FPN and the RoI heads.
 #
 # estimate_stats=True is the paper's micro-batch mode: the batch-norm part normalises with running
 # statistics that are updated from every batch, instead of the noisy statistics of 4 images. It only

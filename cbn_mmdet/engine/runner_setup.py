@@ -1,30 +1,23 @@
-"""Steps shared by the train and test tools: registration, config loading, synthetic data, the runner."""
-import os
+"""Steps shared by training and testing: registration, config loading, synthetic data, the Runner."""
 import os.path as osp
 
-__all__ = ['register_modules', 'load_config', 'default_work_dir', 'ensure_config_data', 'build_runner',
-           'add_launcher_args', 'set_local_rank_env']
+from .config_checks import ConfigError
+
+__all__ = ['register_modules', 'load_config', 'default_work_dir', 'ensure_config_data', 'build_runner']
 
 
 def register_modules():
     """``import cbn_mmdet`` (our layers and hooks) and mmdet's ``register_all_modules``."""
-    import cbn_mmdet  # noqa: F401  (registration)
     from mmdet.utils import register_all_modules
+
+    import cbn_mmdet  # noqa: F401  (registration)
     register_all_modules(init_default_scope=True)
-
-
-def add_launcher_args(parser):
-    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none',
-                        help='job launcher')
-    # torch.distributed.launch passes --local-rank (torch>=2) or --local_rank; torchrun sets LOCAL_RANK.
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
 
 
 def load_config(config, cfg_options=None, launcher='none', work_dir=None):
     """``Config.fromfile`` + ``--cfg-options`` + launcher + work_dir (CLI > config > ./work_dirs/<name>)."""
     from mmengine.config import Config
     if not osp.isfile(config):
-        from .validate import ConfigError
         raise ConfigError(f'config file {config!r} does not exist')
     cfg = Config.fromfile(config)
     cfg.launcher = launcher
@@ -41,19 +34,19 @@ def default_work_dir(config):
     return osp.join('./work_dirs', osp.splitext(osp.basename(config))[0])
 
 
-def ensure_config_data(cfg, logger=print):
+def ensure_config_data(cfg, logger=None):
     """Generate the synthetic dataset a config asks for (top-level ``synthetic_data=dict(out_dir=..., ...)``).
 
     Configs on real data have no such key and are left alone; missing real data is then reported by
-    :func:`cbn_mmdet.apis.validate.check_dataset_paths`.
+    :func:`cbn_mmdet.engine.config_checks.check_dataset_paths`.
     """
     spec = cfg.get('synthetic_data')
     if not spec:
         return
-    from cbn_mmdet.datasets import ensure_synthetic_coco
+    from ..datasets import ensure_synthetic_coco
     spec = dict(spec)
     out_dir = spec.pop('out_dir')
-    if ensure_synthetic_coco(out_dir, **spec):
+    if ensure_synthetic_coco(out_dir, **spec) and logger is not None:
         logger(f'generated the synthetic dataset in {out_dir}')
 
 
@@ -64,8 +57,3 @@ def build_runner(cfg):
         return Runner.from_cfg(cfg)
     from mmdet.registry import RUNNERS
     return RUNNERS.build(cfg)
-
-
-def set_local_rank_env(local_rank):
-    if 'LOCAL_RANK' not in os.environ:
-        os.environ['LOCAL_RANK'] = str(local_rank)

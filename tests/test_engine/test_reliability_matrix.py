@@ -10,11 +10,10 @@ import pytest
 from mmengine.config import Config
 
 import cbn_mmdet  # noqa: F401
-from cbn_mmdet.apis.norm_checks import validate_norm_config
-from cbn_mmdet.apis.test import check_eval_metrics
-from cbn_mmdet.apis.validate import ConfigError, validate_config
+from cbn_mmdet.engine.config_checks import ConfigError, check_global_batch, validate_config, validate_norm_config
+from cbn_mmdet.engine.testing import check_eval_metrics
+from tests.tiny_config import ROOT
 
-ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 CBN_CFG = osp.join(ROOT, 'configs/cbn/mask_rcnn_r50_fpn_cbn_buffer3_burnin8_1x.py')
 
 
@@ -38,7 +37,8 @@ def _edit(cfg, path, value):
 NORM_ROWS = [  # id, config path, new value, expected message (regex)
     ('misspelt-keyword', 'model.neck.norm_cfg', dict(type='CBN', buffer_nmu=3),
      r"model.neck.norm_cfg: CBN has no argument 'buffer_nmu' \(did you mean 'buffer_num'\?\)"),
-    ('negative-buffer', 'model.neck.norm_cfg', dict(type='CBN', buffer_num=-1), r'model.neck.norm_cfg = .*buffer_num must be >= 0, got -1'),
+    ('negative-buffer', 'model.neck.norm_cfg', dict(type='CBN', buffer_num=-1),
+     r'model.neck.norm_cfg = .*buffer_num must be >= 0, got -1'),
     ('negative-burnin', 'model.roi_head.bbox_head.norm_cfg', dict(type='CBN', buffer_num=3, burnin=-8),
      r'model.roi_head.bbox_head.norm_cfg = .*burnin must be >= 0, got -8'),
     ('rho-not-finite', 'model.neck.norm_cfg', dict(type='CBN', buffer_num=3, rho=float('nan')),
@@ -133,7 +133,6 @@ def test_bad_eval_metric():
 def test_gpu_count_not_dividing_the_batch(base_cfg, tmp_path):
     cfg = copy.deepcopy(base_cfg)
     with pytest.raises(ConfigError, match=r'global_batch_size = 16 cannot be split over 3 processes'):
-        from cbn_mmdet.apis.validate import check_global_batch
         check_global_batch(cfg, 3)
 
 

@@ -13,8 +13,8 @@ from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 from mmengine.runner.checkpoint import CheckpointLoader
 
-from cbn_mmdet.apis.checkpoint import trusted_checkpoints
-from cbn_mmdet.apis.train import parse_train_args, prepare_train_config, train
+from cbn_mmdet.engine.checkpoint import trusted_checkpoints
+from cbn_mmdet.engine.training import prepare_train_config, train
 from cbn_mmdet.ops import CrossIterationBatchNorm2d
 
 SEEN = []
@@ -33,9 +33,8 @@ class _RecordStartHook(Hook):
         SEEN.append(dict(iter=runner.iter, epoch=runner.epoch, cbn=cbn))
 
 
-def _train(config, work_dir, *extra):
-    args = parse_train_args([config, '--work-dir', str(work_dir), *extra])
-    cfg = prepare_train_config(args, log=lambda m: None)
+def _train(config, work_dir, resume=None):
+    cfg = prepare_train_config(config, work_dir=str(work_dir), resume=resume, log=lambda m: None)
     cfg.custom_hooks = [*cfg.custom_hooks, dict(type='_RecordStartHook'), dict(type='RNGStateHook')]
     cfg.experiment_name = f'resume_test_{len(SEEN)}'   # separate loggers/visualizers within one process
     return train(cfg)
@@ -54,7 +53,7 @@ def test_resume_continues_from_the_saved_iteration_with_cbn_buffers(first_run, t
     ckpt = first_run / 'epoch_1.pth'
     saved = torch.load(ckpt, map_location='cpu', weights_only=False)
     assert saved['meta']['iter'] == 4 and saved['meta']['epoch'] == 1
-    runner = _train(tiny_cbn_config, tmp_path / 'resumed', '--resume', str(ckpt))
+    runner = _train(tiny_cbn_config, tmp_path / 'resumed', resume=str(ckpt))
     start = SEEN[-1]
     assert (start['iter'], start['epoch']) == (4, 1)          # continues, does not restart at 0
     assert runner.iter == 8 and runner.epoch == 2
@@ -72,7 +71,7 @@ def test_resume_continues_from_the_saved_iteration_with_cbn_buffers(first_run, t
 def test_resumed_run_is_bitwise_identical_to_uninterrupted(first_run, tiny_cbn_config, tmp_path):
     """With RNGStateHook, iterations 5-8 after a resume give exactly the uninterrupted run's weights
     (without it, 276 tensors differ: mmdet's RoI samplers draw from the global RNG)."""
-    runner = _train(tiny_cbn_config, tmp_path / 'resumed', '--resume', str(first_run / 'epoch_1.pth'))
+    runner = _train(tiny_cbn_config, tmp_path / 'resumed', resume=str(first_run / 'epoch_1.pth'))
     assert runner.iter == 8
     final = torch.load(first_run / 'epoch_2.pth', map_location='cpu', weights_only=False)['state_dict']
     resumed = torch.load(tmp_path / 'resumed' / 'epoch_2.pth', map_location='cpu', weights_only=False)
@@ -81,8 +80,8 @@ def test_resumed_run_is_bitwise_identical_to_uninterrupted(first_run, tiny_cbn_c
 
 
 def test_auto_resume_from_the_work_dir(first_run, tiny_cbn_config):
-    # `--resume` without a path: the latest checkpoint of the work_dir (epoch 2 = the end): nothing to do
-    runner = _train(tiny_cbn_config, first_run, '--resume')
+    # resume='auto' (`--resume` without a path): the latest checkpoint of the work_dir (epoch 2 = the end)
+    runner = _train(tiny_cbn_config, first_run, resume='auto')
     assert SEEN[-1]['iter'] == 8 and runner.iter == 8
 
 

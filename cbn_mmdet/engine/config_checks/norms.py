@@ -4,21 +4,22 @@ A norm config is only instantiated deep inside model building, often after the w
 then surfaces as a bare ``TypeError`` from a constructor, or (worse) never: a CBN layer converted to
 SyncBN by ``cfg.sync_bn``, a burn-in longer than the schedule, a SyncBN config launched without a
 process group on a GPU. Each check here raises one :class:`ConfigError` naming the config field and
-the value. ``docs/reliability.md`` lists them; ``tests/test_tools/test_reliability_matrix.py`` pins each.
+the value. ``docs/reliability.md`` lists them; ``tests/test_engine/test_reliability_matrix.py`` pins each.
+
+Which type names are CBN, synchronised or not convertible to SyncBN comes from the registration
+table (``cbn_mmdet.models.registry``), so a new layer is declared in one place.
 """
 import difflib
 import inspect
 
-from .validate import ConfigError, _models_registry
+from ...models.registry import CBN_TYPES, NOT_SYNCBN_CONVERTIBLE, SYNC_NORM_TYPES
+from .errors import ConfigError
+from .layers import mmdet_models_registry
 
 __all__ = ['check_norm_arguments', 'check_sync_bn_conversion', 'check_burnin_hooks',
            'check_sync_layers_launch', 'check_norm_order', 'validate_norm_config']
 
 _CHANNEL_KEYS = ('out_channels', 'conv_out_channels', 'feat_channels', 'channels')
-_CBN_TYPES = ('CBN', 'SyncCBN')
-_SYNC_TYPES = ('SyncBN', 'SyncCBN', 'TorchSyncBN', 'MMSyncBN')
-# layers whose algorithm a conversion to plain SyncBN would silently discard
-_NOT_CONVERTIBLE = ('CBN', 'SyncCBN', 'BCN', 'MABN')
 
 
 def _parent_dicts(node, field='model'):
@@ -54,7 +55,7 @@ def check_norm_arguments(cfg):
     The channel count comes from the enclosing module's config (``out_channels``,
     ``conv_out_channels``, ...) when it states one, so ``num_groups`` not dividing it is caught too.
     """
-    registry = _models_registry()
+    registry = mmdet_models_registry()
     for field, norm_cfg, module_cfg in _norm_sites(cfg):
         cls = registry.get(norm_cfg['type'])
         if cls is None or not inspect.isclass(cls):
@@ -89,12 +90,12 @@ def check_norm_order(cfg):
     """A CBN needs the conv that feeds it: a ConvModule ``order`` with the norm first cannot work."""
     for field, norm_cfg, module_cfg in _norm_sites(cfg):
         order = module_cfg.get('order')
-        if norm_cfg['type'] in _CBN_TYPES and isinstance(order, (list, tuple)) and 'conv' in order \
+        if norm_cfg['type'] in CBN_TYPES and isinstance(order, (list, tuple)) and 'conv' in order \
                 and 'norm' in order and list(order).index('norm') < list(order).index('conv'):
             raise ConfigError(f'{field}: type={norm_cfg["type"]!r} needs a conv before it, but the '
                               f'module order is {tuple(order)!r}')
         conv_cfg = module_cfg.get('conv_cfg')
-        if norm_cfg['type'] in _CBN_TYPES and isinstance(conv_cfg, dict) \
+        if norm_cfg['type'] in CBN_TYPES and isinstance(conv_cfg, dict) \
                 and conv_cfg.get('type') in ('ConvWS', 'ConvAWS'):
             raise ConfigError(f"{field}: CBN after conv_cfg type={conv_cfg['type']!r} cannot see the "
                               "weight that conv uses; use conv_cfg=dict(type='WSConv')")
@@ -105,7 +106,7 @@ def check_sync_bn_conversion(cfg):
     if not cfg.get('sync_bn'):
         return
     for field, norm_cfg, _ in _norm_sites(cfg):
-        if norm_cfg['type'] in _NOT_CONVERTIBLE:
+        if norm_cfg['type'] in NOT_SYNCBN_CONVERTIBLE:
             raise ConfigError(f"sync_bn = {cfg.get('sync_bn')!r} would replace {field} type="
                               f"{norm_cfg['type']!r} by plain SyncBN; remove sync_bn "
                               "(use type='SyncCBN' for synced CBN)")
@@ -140,7 +141,7 @@ def check_sync_layers_launch(cfg, launcher, cuda_available):
     if launcher != 'none' or not cuda_available:
         return   # CPU single process: SyncBN is BN by design (the demo and CI rely on it)
     for field, norm_cfg, _ in _norm_sites(cfg):
-        if norm_cfg['type'] in _SYNC_TYPES:
+        if norm_cfg['type'] in SYNC_NORM_TYPES:
             raise ConfigError(f"{field}.type = {norm_cfg['type']!r} on a GPU without a process group "
                               "(--launcher none): launch with tools/dist_train.sh CONFIG N, or set "
                               "norm_cfg type='BN'/'CBN'")

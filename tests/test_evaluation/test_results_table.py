@@ -1,12 +1,7 @@
-"""tools/analysis/results_table.py on fake work_dirs laid out as mmengine writes them."""
+"""The results table (``cbn_mmdet.evaluation``) on fake work_dirs laid out as mmengine writes them."""
 import json
-import os.path as osp
-import subprocess
-import sys
 
-from cbn_mmdet.apis.metrics import collect_metrics, identify_run, read_train_losses, results_table
-
-from .conftest import ROOT
+from cbn_mmdet.evaluation import collect_metrics, identify_run, read_train_losses, results_table
 
 COCO = {'coco/bbox_mAP': 0.380, 'coco/bbox_mAP_50': 0.590, 'coco/bbox_mAP_75': 0.421,
         'coco/segm_mAP': 0.345, 'coco/segm_mAP_50': 0.560, 'coco/segm_mAP_75': 0.370}
@@ -74,28 +69,3 @@ def test_table(tmp_path):
                      '| 37.0 |']
     assert sum(1 for line in table.splitlines() if 'R-50-FPN |' in line) == 8
     assert any('empty' in n and 'no test or validation metrics' in n for n in notes)
-
-
-def test_cli_writes_markdown(tmp_path):
-    dirs = fake_work_dirs(tmp_path)
-    out = tmp_path / 'table.md'
-    proc = subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'analysis', 'results_table.py'),
-                           *map(str, dirs[:2]), '--markdown', str(out)],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert out.read_text() == proc.stdout
-    assert '| Mask R-50-FPN | CBN | 38.0 / 38.4 (-0.4) |' in proc.stdout
-
-
-def test_demo_report_pieces(tmp_path):
-    """The demo's loss plot (from mmengine's scalars.json) and its Markdown table."""
-    from cbn_mmdet.apis.demo import plot_losses, results_markdown
-    cbn = fake_work_dirs(tmp_path)[0]
-    png = plot_losses({'cbn': str(cbn)}, str(tmp_path / 'losses.png'))
-    assert open(png, 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
-    untrained = dict(metrics={k: 0.0 for k in COCO}, test_seconds=5)
-    table = results_markdown({'cbn': dict(metrics=COCO, train_seconds=100, test_seconds=9),
-                              'gn': dict(skipped='time budget')}, untrained, 321, 'tiny')
-    assert '| untrained | – | 0.0 | 0.0 | 0.0 | 0.0 | 0.0 | 0.0 | 0 | 5 |' in table
-    assert '| cbn | CBN | 38.0 | 59.0 | 42.1 | 34.5 | 56.0 | 37.0 | 100 | 9 |' in table
-    assert '| gn | GN | – |' in table and 'Skipped: gn (time budget)' in table and '321 s' in table

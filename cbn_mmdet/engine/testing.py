@@ -1,50 +1,26 @@
-"""``tools/test.py``: mmdet 3.x's test tool plus mmdet 2.x's ``--eval`` and config validation.
+"""The logic behind ``tools/test.py``: mmdet 3.x's test tool plus mmdet 2.x's ``--eval`` and config validation.
 
 mmdet 3.x computes metrics with the config's ``test_evaluator`` and has no ``--eval``. Here
 ``--eval bbox segm`` replaces the ``metric`` list of the ``CocoMetric`` in ``test_evaluator`` (an
 unknown metric is refused before anything is built or written). The metrics mmengine computes are
 dumped by its LoggerHook to ``<work_dir>/<timestamp>/<timestamp>.json``.
 """
-import argparse
-import json
 import os.path as osp
+import types
 import warnings
 from copy import deepcopy
 
-from mmengine.config import ConfigDict, DictAction
+from mmengine.config import ConfigDict
 
 from .checkpoint import trusted_checkpoints
-from .common import add_launcher_args, build_runner, load_config, register_modules, set_local_rank_env
+from .config_checks import ConfigError, validate_config
 from .dist import launcher_world_size, setup_cpu_distributed
-from .validate import ConfigError, validate_config
+from .runner_setup import build_runner, load_config, register_modules
 
-__all__ = ['COCO_METRICS', 'parse_test_args', 'check_eval_metrics', 'apply_eval_metrics',
-           'prepare_test_config', 'test', 'main']
+__all__ = ['COCO_METRICS', 'check_eval_metrics', 'apply_eval_metrics', 'prepare_test_config', 'test']
 
 # mmdet.evaluation.CocoMetric's allowed metrics (a local list in its __init__, so repeated here).
 COCO_METRICS = ('bbox', 'segm', 'proposal', 'proposal_fast')
-
-
-def parse_test_args(argv=None):
-    parser = argparse.ArgumentParser(description='MMDet test (and eval) a model (mmdet 3.x + cbn_mmdet)')
-    parser.add_argument('config', help='test config file path')
-    parser.add_argument('checkpoint', help='checkpoint file')
-    parser.add_argument('--work-dir', help='the directory to save the file containing evaluation metrics')
-    parser.add_argument('--out', type=str, help='dump predictions to a pickle file for offline evaluation')
-    parser.add_argument('--eval', nargs='+', metavar='METRIC',
-                        help='mmdet 2.x style: the metrics of the CocoMetric in test_evaluator, e.g. '
-                        f'"--eval bbox segm" (supported: {", ".join(COCO_METRICS)})')
-    parser.add_argument('--show', action='store_true', help='show prediction results')
-    parser.add_argument('--show-dir', help='directory where painted images will be saved (inside '
-                        'work_dir/timestamp/)')
-    parser.add_argument('--wait-time', type=float, default=2, help='the interval of show (s)')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override config settings, key=value pairs (xxx=yyy) merged into the config')
-    parser.add_argument('--tta', action='store_true', help='test-time augmentation')
-    add_launcher_args(parser)
-    args = parser.parse_args(argv)
-    set_local_rank_env(args.local_rank)
-    return args
 
 
 def check_eval_metrics(metrics):
@@ -113,24 +89,35 @@ def _apply_tta(cfg):
     cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
 
 
-def prepare_test_config(args):
-    """The final, validated test config for ``args`` (raises :class:`ConfigError`; writes nothing)."""
-    if args.eval is not None:
-        check_eval_metrics(args.eval)          # before the config is even read
-    if args.out is not None and not args.out.endswith(('.pkl', '.pickle')):
-        raise ConfigError(f'--out {args.out!r}: the dump file must be a .pkl/.pickle file')
+def prepare_test_config(config, checkpoint, *, work_dir=None, cfg_options=None, launcher='none',
+                        eval_metrics=None, out=None, show=False, show_dir=None, wait_time=2.0, tta=False):
+    """The final, validated test config (raises :class:`ConfigError`; writes nothing).
+
+    Args:
+        config (str), checkpoint (str): the config file and the checkpoint to test.
+        work_dir, cfg_options, launcher: as for :func:`cbn_mmdet.engine.training.prepare_train_config`.
+        eval_metrics (list[str], optional): mmdet 2.x's ``--eval``: the CocoMetric's metric list.
+        out (str, optional): a ``.pkl`` file for the predictions (checked here, written by :func:`test`).
+        show, show_dir, wait_time: mmdet's visualisation options.
+        tta (bool): test-time augmentation.
+    """
+    if eval_metrics is not None:
+        check_eval_metrics(eval_metrics)          # before the config is even read
+    if out is not None and not out.endswith(('.pkl', '.pickle')):
+        raise ConfigError(f'--out {out!r}: the dump file must be a .pkl/.pickle file')
     register_modules()
-    cfg = load_config(args.config, args.cfg_options, args.launcher, args.work_dir)
-    if args.eval is not None:
-        apply_eval_metrics(cfg, args.eval)
-    validate_config(cfg, 'test', world_size=launcher_world_size(args.launcher))
-    if not osp.isfile(osp.expanduser(args.checkpoint)) and '://' not in args.checkpoint:
-        raise ConfigError(f'checkpoint {args.checkpoint!r} does not exist')
-    cfg.load_from = args.checkpoint
-    if args.show or args.show_dir:
+    cfg = load_config(config, cfg_options, launcher, work_dir)
+    if eval_metrics is not None:
+        apply_eval_metrics(cfg, eval_metrics)
+    validate_config(cfg, 'test', world_size=launcher_world_size(launcher))
+    if not osp.isfile(osp.expanduser(checkpoint)) and '://' not in checkpoint:
+        raise ConfigError(f'checkpoint {checkpoint!r} does not exist')
+    cfg.load_from = checkpoint
+    if show or show_dir:
         from mmdet.engine.hooks.utils import trigger_visualization_hook
-        cfg = trigger_visualization_hook(cfg, args)
-    if args.tta:
+        options = types.SimpleNamespace(show=show, show_dir=show_dir, wait_time=wait_time)
+        cfg = trigger_visualization_hook(cfg, options)
+    if tta:
         _apply_tta(cfg)
     return cfg
 
@@ -144,18 +131,4 @@ def test(cfg, out=None):
         runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=out))
     with trusted_checkpoints(paths=[cfg.load_from], dirs=[cfg.work_dir]):
         metrics = runner.test()
-    return metrics
-
-
-def main(argv=None):
-    args = parse_test_args(argv)
-    try:
-        cfg = prepare_test_config(args)
-    except ConfigError as err:
-        raise SystemExit(f'tools/test.py: config error: {err}') from None
-    metrics = test(cfg, out=args.out)
-    from mmengine.dist import is_main_process
-    if is_main_process():
-        print('[cbn_mmdet] test metrics: ' + json.dumps({k: v for k, v in (metrics or {}).items()
-                                                          if isinstance(v, (int, float))}), flush=True)
     return metrics

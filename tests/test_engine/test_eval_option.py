@@ -1,8 +1,8 @@
-"""tools/test.py --eval (mmdet 2.x style) maps onto the CocoMetric of test_evaluator."""
+"""``--eval`` (mmdet 2.x style) maps onto the CocoMetric of test_evaluator (``prepare_test_config``)."""
 import pytest
 
-from cbn_mmdet.apis.test import COCO_METRICS, apply_eval_metrics, main, parse_test_args, prepare_test_config
-from cbn_mmdet.apis.validate import ConfigError
+from cbn_mmdet.engine.config_checks import ConfigError
+from cbn_mmdet.engine.testing import apply_eval_metrics, prepare_test_config
 
 
 @pytest.fixture
@@ -14,8 +14,7 @@ def checkpoint(tmp_path):
 
 @pytest.mark.parametrize('metrics', [['bbox'], ['segm'], ['bbox', 'segm'], ['bbox', 'bbox', 'segm']])
 def test_eval_replaces_the_coco_metric_list(tiny_cbn_config, checkpoint, tmp_path, metrics):
-    args = parse_test_args([tiny_cbn_config, checkpoint, '--work-dir', str(tmp_path / 'wd'), '--eval', *metrics])
-    cfg = prepare_test_config(args)
+    cfg = prepare_test_config(tiny_cbn_config, checkpoint, work_dir=str(tmp_path / 'wd'), eval_metrics=metrics)
     assert cfg.test_evaluator.type == 'CocoMetric'
     assert cfg.test_evaluator.metric == list(dict.fromkeys(metrics))
     assert cfg.load_from == checkpoint
@@ -23,20 +22,8 @@ def test_eval_replaces_the_coco_metric_list(tiny_cbn_config, checkpoint, tmp_pat
 
 
 def test_without_eval_the_config_metric_stays(tiny_cbn_config, checkpoint, tmp_path):
-    cfg = prepare_test_config(parse_test_args([tiny_cbn_config, checkpoint]))
+    cfg = prepare_test_config(tiny_cbn_config, checkpoint)
     assert cfg.test_evaluator.metric == ['bbox', 'segm']
-
-
-def test_bad_metric_is_one_clear_error_before_anything(tiny_cbn_config, tmp_path):
-    work_dir = tmp_path / 'wd'
-    # neither the checkpoint nor the config is looked at: the metric is refused first
-    with pytest.raises(SystemExit) as info:
-        main([str(tmp_path / 'no_config.py'), str(tmp_path / 'no.pth'), '--work-dir', str(work_dir),
-              '--eval', 'bbox', 'mAP'])
-    message = str(info.value.code)
-    assert "unsupported metric(s) ['mAP']" in message
-    assert 'supported (CocoMetric): ' + ', '.join(COCO_METRICS) in message
-    assert not work_dir.exists()
 
 
 def test_eval_on_list_evaluators_and_errors():
@@ -57,4 +44,4 @@ def test_eval_on_list_evaluators_and_errors():
 
 def test_out_must_be_a_pickle(tiny_cbn_config, checkpoint, tmp_path):
     with pytest.raises(ConfigError, match="--out 'preds.json'"):
-        prepare_test_config(parse_test_args([tiny_cbn_config, checkpoint, '--out', 'preds.json']))
+        prepare_test_config(tiny_cbn_config, checkpoint, out='preds.json')

@@ -1,11 +1,10 @@
-"""Shared fixtures for the tool tests: a tiny synthetic dataset and a tiny CBN demo config over it."""
-import os
+"""Shared by the tests that build or run detectors: a tiny synthetic dataset, a tiny CBN demo config
+over it, and a loader for the scripts in ``tools/`` (which are files, not modules of a package)."""
+import importlib.util
 import os.path as osp
 import textwrap
 
-import pytest
-
-ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TINY_DATA = dict(seed=1, num_train=8, num_val=2, image_size=64, min_size=12, max_size=28)
 
 
@@ -34,23 +33,11 @@ def write_tiny_config(directory, base='mask_rcnn_r18_fpn_cbn_demo.py', data_root
     return path
 
 
-@pytest.fixture(scope='session')
-def tiny_dir(tmp_path_factory):
-    """A directory holding the tiny dataset (generated once) and the tiny CBN config."""
-    from cbn_mmdet.datasets import ensure_synthetic_coco
-    directory = str(tmp_path_factory.mktemp('tiny'))
-    ensure_synthetic_coco(osp.join(directory, 'data'), **TINY_DATA)
-    return directory
-
-
-@pytest.fixture(scope='session')
-def tiny_cbn_config(tiny_dir):
-    return write_tiny_config(tiny_dir)
-
-
-@pytest.fixture
-def subprocess_env():
-    """Environment for tool subprocesses: one thread each (the machine is shared), repo importable."""
-    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONWARNINGS='ignore')
-    env['PYTHONPATH'] = ROOT + (os.pathsep + env['PYTHONPATH'] if env.get('PYTHONPATH') else '')
-    return env
+def load_tool(relative_path):
+    """The module of ``tools/<relative_path>`` (e.g. ``'train.py'``), imported without running ``main``."""
+    path = osp.join(ROOT, 'tools', relative_path)
+    name = '_tool_' + relative_path.replace('/', '_').replace('.py', '')
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,0 +1,45 @@
+"""Fuse a whole detector: build it from a config, load a checkpoint, fold its norms, verify the result."""
+import copy
+
+import torch
+
+__all__ = ['build_detector', 'verify_fused', 'fuse_detector']
+
+
+def build_detector(config, checkpoint=None):
+    """The eval-mode detector of ``config`` (mmdet registry), with ``checkpoint`` loaded when given."""
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+    from mmengine.config import Config
+    from mmengine.runner import load_checkpoint
+
+    import cbn_mmdet  # noqa: F401  (registration)
+    from cbn_mmdet.engine.checkpoint import trusted_checkpoints
+
+    register_all_modules()
+    model = MODELS.build(Config.fromfile(config).model)
+    if checkpoint:
+        with trusted_checkpoints(paths=[checkpoint]):
+            load_checkpoint(model, checkpoint, map_location='cpu')
+    return model.eval()
+
+
+def verify_fused(model, fused, shape, seed=0):
+    """Max abs difference of the backbone+neck features of the two models on a random batch."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 3, *shape, generator=gen)
+    with torch.no_grad():
+        ref, out = model.extract_feat(x), fused.extract_feat(x)
+    ref = ref if isinstance(ref, (tuple, list)) else (ref, )
+    out = out if isinstance(out, (tuple, list)) else (out, )
+    return max(float((a - b).abs().max()) for a, b in zip(ref, out))
+
+
+def fuse_detector(config, checkpoint=None, shape=(320, 320)):
+    """``(fused model, report, max abs difference)``: the detector of ``config`` with its eval-mode norms
+    folded into their convs (``fuse_norm_layers``'s report) and the verification against the unfused one."""
+    from .fuse_norm import fuse_norm_layers
+    model = build_detector(config, checkpoint)
+    fused = copy.deepcopy(model)
+    report = fuse_norm_layers(fused)
+    return fused, report, verify_fused(model, fused, tuple(shape))

@@ -1,0 +1,75 @@
+"""The logic behind ``tools/train.py``: mmdet 3.x's train tool plus validation, trusted resume and CPU
+multi-process runs.
+
+Order of work (nothing is written before step 3)::
+
+    1. import cbn_mmdet and register mmdet's modules; load the config, apply the options
+       (cfg_options / work_dir / amp / auto_scale_lr / resume)
+    2. generate the synthetic data a demo config asks for; validate the config (ConfigError)
+    3. CPU + multi-process launcher: init the gloo group; build the Runner; train with our own
+       checkpoints trusted for loading (torch>=2.6 weights_only)
+"""
+import os.path as osp
+
+from .checkpoint import trusted_checkpoints
+from .config_checks import ConfigError, validate_config
+from .dist import launcher_world_size, setup_cpu_distributed
+from .runner_setup import build_runner, ensure_config_data, load_config, register_modules
+
+__all__ = ['prepare_train_config', 'train']
+
+
+def prepare_train_config(config, *, work_dir=None, cfg_options=None, launcher='none', amp=False,
+                         auto_scale_lr=False, resume=None, log=None):
+    """The final config for a training run, validated (raises :class:`ConfigError`); writes nothing but data.
+
+    Args:
+        config (str): the config file.
+        work_dir (str, optional): overrides the config's ``work_dir`` (default ``./work_dirs/<name>``).
+        cfg_options (dict, optional): ``key=value`` overrides merged into the config.
+        launcher (str): ``none``, ``pytorch``, ``slurm`` or ``mpi``.
+        amp (bool): automatic mixed precision (``AmpOptimWrapper``, dynamic loss scale).
+        auto_scale_lr (bool): enable the config's ``auto_scale_lr``.
+        resume (str, optional): ``'auto'`` (latest checkpoint of the work_dir) or a checkpoint file.
+        log (callable): receives one-line notes (generated data, batch changes).
+    """
+    log = log or (lambda message: None)
+    register_modules()
+    cfg = load_config(config, cfg_options, launcher, work_dir)
+
+    if amp:
+        cfg.optim_wrapper.type = 'AmpOptimWrapper'
+        cfg.optim_wrapper.loss_scale = 'dynamic'
+    if auto_scale_lr:
+        scale = cfg.get('auto_scale_lr')
+        if not (isinstance(scale, dict) and 'enable' in scale and 'base_batch_size' in scale):
+            raise ConfigError('--auto-scale-lr needs auto_scale_lr=dict(enable=..., base_batch_size=...) '
+                              f'in the config, got auto_scale_lr = {scale!r}')
+        cfg.auto_scale_lr.enable = True
+    if resume == 'auto':
+        cfg.resume = True
+        cfg.load_from = None
+    elif resume is not None:
+        cfg.resume = True
+        cfg.load_from = resume
+
+    # RNG states travel with every checkpoint, so that --resume continues bit-identically.
+    hooks = list(cfg.get('custom_hooks') or [])
+    if not any(isinstance(h, dict) and h.get('type') == 'RNGStateHook' for h in hooks):
+        cfg.custom_hooks = hooks + [dict(type='RNGStateHook')]
+
+    ensure_config_data(cfg, logger=log)
+    validate_config(cfg, 'train', world_size=launcher_world_size(launcher), logger=log)
+    if resume not in (None, 'auto'):
+        if not osp.isfile(osp.expanduser(resume)):
+            raise ConfigError(f'--resume {resume!r}: no such checkpoint file')
+    return cfg
+
+
+def train(cfg):
+    """Build the Runner for a prepared config and train; returns the runner."""
+    setup_cpu_distributed(cfg, cfg.get('launcher', 'none'))
+    runner = build_runner(cfg)
+    with trusted_checkpoints(paths=[cfg.get('load_from')], dirs=[cfg.work_dir]):
+        runner.train()
+    return runner

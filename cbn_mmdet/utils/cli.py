@@ -1,0 +1,69 @@
+"""Argument-parsing helpers shared by the scripts in ``tools/`` (the one place for them).
+
+The package's library functions take plain arguments; only the tools parse ``sys.argv``.
+"""
+import argparse
+import os
+
+__all__ = ['add_launcher_args', 'set_local_rank_env', 'add_cfg_options_arg', 'int_list', 'float_list',
+           'choice_list', 'config_overrides', 'config_error_exit']
+
+LAUNCHERS = ('none', 'pytorch', 'slurm', 'mpi')
+
+
+def add_launcher_args(parser):
+    """mmdet's ``--launcher`` and ``--local-rank`` options."""
+    parser.add_argument('--launcher', choices=list(LAUNCHERS), default='none', help='job launcher')
+    # torch.distributed.launch passes --local-rank (torch>=2) or --local_rank; torchrun sets LOCAL_RANK.
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+
+
+def set_local_rank_env(local_rank):
+    """``LOCAL_RANK`` from ``--local-rank`` unless the launcher already set it (torchrun does)."""
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(local_rank)
+
+
+def add_cfg_options_arg(parser):
+    """mmdet's ``--cfg-options key=value ...`` (parsed into a dict by mmengine's ``DictAction``)."""
+    from mmengine.config import DictAction
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config settings, key=value pairs (xxx=yyy) merged into the config')
+
+
+def int_list(text):
+    """``'1,2,4'`` -> ``(1, 2, 4)`` (an ``argparse`` type)."""
+    return _values(text, int)
+
+
+def float_list(text):
+    """``'0.1,1'`` -> ``(0.1, 1.0)`` (an ``argparse`` type)."""
+    return _values(text, float)
+
+
+def _values(text, kind):
+    try:
+        return tuple(kind(v) for v in text.split(','))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a comma-separated list of {kind.__name__}s') from None
+
+
+def choice_list(choices):
+    """An ``argparse`` type: a comma-separated subset of ``choices``."""
+    def parse(text):
+        values = tuple(text.split(','))
+        unknown = [v for v in values if v not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(f'unknown value(s) {unknown}; choose from {tuple(choices)}')
+        return values
+    return parse
+
+
+def config_overrides(args, names):
+    """``{name: value}`` for the options in ``names`` that were given (not ``None``) on the command line."""
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+def config_error_exit(tool, err):
+    """The one-line exit of a tool refusing a config: ``tools/train.py: config error: ...`` (exit code 1)."""
+    return SystemExit(f'{tool}: config error: {err}')
