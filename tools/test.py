@@ -13,7 +13,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))   # run from
 
 from cbn_mmdet.engine.config_checks import ConfigError  # noqa: E402
 from cbn_mmdet.engine.testing import COCO_METRICS, prepare_test_config, test  # noqa: E402
-from cbn_mmdet.utils.cli import add_cfg_options_arg, add_launcher_args, config_error_exit, set_local_rank_env  # noqa: E402
+from cbn_mmdet.utils.cli import config_error_exit, parse_mmdet_tool_args  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -29,12 +29,8 @@ def parse_args(argv=None):
     parser.add_argument('--show-dir', help='directory where painted images will be saved (inside '
                         'work_dir/timestamp/)')
     parser.add_argument('--wait-time', type=float, default=2, help='the interval of show (s)')
-    add_cfg_options_arg(parser)
     parser.add_argument('--tta', action='store_true', help='test-time augmentation')
-    add_launcher_args(parser)
-    args = parser.parse_args(argv)
-    set_local_rank_env(args.local_rank)
-    return args
+    return parse_mmdet_tool_args(parser, argv)
 
 
 def main(argv=None):

@@ -14,7 +14,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))   # run from
 
 from cbn_mmdet.engine.config_checks import ConfigError  # noqa: E402
 from cbn_mmdet.engine.training import prepare_train_config, train  # noqa: E402
-from cbn_mmdet.utils.cli import add_cfg_options_arg, add_launcher_args, config_error_exit, set_local_rank_env  # noqa: E402
+from cbn_mmdet.utils.cli import config_error_exit, parse_mmdet_tool_args  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -27,11 +27,7 @@ def parse_args(argv=None):
     parser.add_argument('--resume', nargs='?', type=str, const='auto',
                         help='resume from the given checkpoint, or (no value) from the latest checkpoint '
                         'in the work directory')
-    add_cfg_options_arg(parser)
-    add_launcher_args(parser)
-    args = parser.parse_args(argv)
-    set_local_rank_env(args.local_rank)
-    return args
+    return parse_mmdet_tool_args(parser, argv)
 
 
 def main(argv=None):

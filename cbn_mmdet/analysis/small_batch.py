@@ -11,18 +11,18 @@ split), so a batch of ``b`` gets ``epochs · N_train / b`` iterations. SGD with 
 rate follows the linear scaling rule ``lr = base_lr · b / base_batch`` with a linear warm-up and a
 cosine decay to zero (per iteration).
 """
-import csv
 import math
 import os
 import time
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import load_dataset
 from .nets import NORMS, SmallConvNet
+from .study_config import StudyConfig, write_csv
 
 __all__ = ['BenchConfig', 'train_one', 'run_bench', 'markdown_table', 'plot_bench', 'LABELS']
 
@@ -31,7 +31,7 @@ LABELS = {'bn': 'BN', 'gn': 'GN', 'bcn': 'BCN+WS', 'mabn': 'MABN+CenConv', 'cbn'
 
 
 @dataclass
-class BenchConfig:
+class BenchConfig(StudyConfig):
     """Settings of the benchmark (defaults: the documented run, under 15 minutes on 2 CPU cores)."""
     norms: tuple = NORMS
     batch_sizes: tuple = (1, 2, 4, 16)
@@ -47,16 +47,9 @@ class BenchConfig:
     cbn_burnin: int = 50           # training forwards of plain BN before the window is used
     mabn_real_batch: int = 16      # MABN averages over real_B / b iterations
     mabn_warmup: int = 100
-    dataset: str = 'digits'
-    out: str = 'work_dirs/fidelity'
-    threads: int = 1
 
-    @classmethod
-    def quick(cls, **overrides):
-        cfg = dict(batch_sizes=(2, 8), seeds=(0,), epochs=0.1, cbn_burnin=3, mabn_warmup=3,
-                   mabn_real_batch=8)
-        cfg.update(overrides)
-        return cls(**cfg)
+    QUICK: ClassVar[dict] = dict(batch_sizes=(2, 8), seeds=(0,), epochs=0.1, cbn_burnin=3, mabn_warmup=3,
+                                 mabn_real_batch=8)
 
 
 def _lr_at(cfg, lr, it, total):
@@ -212,20 +205,10 @@ def plot_bench(rows, cfg, path):
     return path
 
 
-def _write_csv(path, rows):
-    with open(path, 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (f'{v:.6g}' if isinstance(v, float) else v) for k, v in row.items()})
-
-
 def run_bench(cfg, log=None):
     """Train every (norm, batch size, seed); write CSV, Markdown table and plot to ``cfg.out``."""
     log = log or (lambda message: None)   # the tools pass print
-    torch.set_num_threads(cfg.threads)
-    os.makedirs(cfg.out, exist_ok=True)
-    data = load_dataset(cfg.dataset)
+    data = cfg.start()
     results = []
     start = time.perf_counter()
     for seed in cfg.seeds:
@@ -241,8 +224,8 @@ def run_bench(cfg, log=None):
                  summary=os.path.join(cfg.out, 'small_batch_summary.csv'),
                  table=os.path.join(cfg.out, 'small_batch_table.md'),
                  plot=os.path.join(cfg.out, 'small_batch_acc.png'))
-    _write_csv(files['runs'], results)
-    _write_csv(files['summary'], rows)
+    write_csv(files['runs'], results)
+    write_csv(files['summary'], rows)
     with open(files['table'], 'w') as f:
         f.write(f'Test accuracy (%) on {cfg.dataset}, mean ± std over seeds {list(cfg.seeds)}; '
                 f'{cfg.epochs:g} epochs per run; total {total:.0f} s.\n\n')

@@ -33,11 +33,11 @@ A second table ("drift") isolates the compensation: for every past entry ``τ`` 
 the compensated statistics with the exact ``μ_{t−τ}(θ_t)``, ``ν_{t−τ}(θ_t)``.
 """
 import collections
-import csv
 import math
 import os
 import time
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -45,9 +45,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .cbn_probe import cbn_window_statistics
-from .data import load_dataset
 from .nets import POOL_AFTER, SmallConvNet
 from .stat_estimators import ESTIMATORS, compensate, exact_entry, mean_error, pooled_moments, record_entry, var_error
+from .study_config import StudyConfig, write_csv
 
 __all__ = ['StatsErrorConfig', 'GhostBatchNorm2d', 'probe_forward', 'run_trajectory', 'run_stats_error', 'summarise',
            'markdown_summary', 'plot_stats_error', 'ALL_ESTIMATORS']
@@ -56,7 +56,7 @@ ALL_ESTIMATORS = ('bn', 'naive', 'cbn', 'cbn_mean_only', 'own_layer', 'recompute
 
 
 @dataclass
-class StatsErrorConfig:
+class StatsErrorConfig(StudyConfig):
     """Settings of the study (defaults: the documented run, a few minutes on 2 CPU cores)."""
     batch_sizes: tuple = (1, 2, 4, 8)             # BN ("per-GPU") batch b
     global_batch: int = 16                        # images per SGD step (a multiple of every b)
@@ -71,16 +71,9 @@ class StatsErrorConfig:
     lr_sweep_batch: int = 2
     lr_sweep: tuple = (0.01, 0.03, 0.3, 1.0)     # extra trajectories at lr_sweep_batch (besides lr)
     ref_size: int = 256
-    dataset: str = 'digits'
-    out: str = 'work_dirs/fidelity'
-    threads: int = 1
 
-    @classmethod
-    def quick(cls, **overrides):
-        cfg = dict(batch_sizes=(1, 4), global_batch=4, windows=(1, 2, 4), seeds=(0,), iters=40, num_evals=2,
-                   eval_start=10, lr_sweep=(1.0,), ref_size=64)
-        cfg.update(overrides)
-        return cls(**cfg)
+    QUICK: ClassVar[dict] = dict(batch_sizes=(1, 4), global_batch=4, windows=(1, 2, 4), seeds=(0,), iters=40,
+                                 num_evals=2, eval_start=10, lr_sweep=(1.0,), ref_size=64)
 
 
 class GhostBatchNorm2d(nn.BatchNorm2d):
@@ -268,17 +261,6 @@ def _evaluate(cfg, net, history, truth):
 
 
 # ----------------------------------------------------------------------------------------------- study
-def _write_csv(path, rows):
-    if not rows:
-        return
-    keys = list(rows[0])
-    with open(path, 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (f'{v:.6g}' if isinstance(v, float) else v) for k, v in row.items()})
-
-
 def summarise(rows, keys, values=('mean_err', 'var_err')):
     """Mean (and standard error over seeds) of ``values`` grouped by ``keys``; a list of dicts.
 
@@ -306,9 +288,7 @@ def summarise(rows, keys, values=('mean_err', 'var_err')):
 def run_stats_error(cfg, log=None):
     """Run the whole study, write CSVs and PNGs to ``cfg.out``; return the summary rows and file paths."""
     log = log or (lambda message: None)   # the tools pass print
-    torch.set_num_threads(cfg.threads)
-    os.makedirs(cfg.out, exist_ok=True)
-    data = load_dataset(cfg.dataset)
+    data = cfg.start()
     runs = [('main', b, cfg.lr) for b in cfg.batch_sizes]
     runs += [('lr', cfg.lr_sweep_batch, lr) for lr in cfg.lr_sweep if lr != cfg.lr]
     errors, drifts, infos = [], [], []
@@ -329,9 +309,9 @@ def run_stats_error(cfg, log=None):
                  drift=os.path.join(cfg.out, 'stats_error_drift.csv'),
                  runs=os.path.join(cfg.out, 'stats_error_runs.csv'),
                  summary=os.path.join(cfg.out, 'stats_error_summary.csv'))
-    _write_csv(files['raw'], errors)
-    _write_csv(files['drift'], drifts)
-    _write_csv(files['runs'], infos)
+    write_csv(files['raw'], errors)
+    write_csv(files['drift'], drifts)
+    write_csv(files['runs'], infos)
     summary = summarise(errors, ('sweep', 'batch_size', 'lr', 'window', 'estimator'))
     summary_main = [r for r in summary if r['sweep'] == 'main']
     summary_lr = summarise(lr_rows, ('batch_size', 'lr', 'window', 'estimator'))
@@ -346,7 +326,7 @@ def run_stats_error(cfg, log=None):
     cut = evals[len(evals) // 3] if len(evals) > 2 else evals[-1] + 1
     phases = summarise([dict(r, phase='early' if r['iter'] < cut else 'late') for r in errors
                         if r['sweep'] == 'main'], ('phase', 'window', 'estimator'))
-    _write_csv(files['summary'], summary)
+    write_csv(files['summary'], summary)
     files.update(plot_stats_error(cfg, summary_main, summary_lr, drift_summary, drift_lr))
     files['markdown'] = os.path.join(cfg.out, 'stats_error_summary.md')
     with open(files['markdown'], 'w') as f:
@@ -445,6 +425,31 @@ def _select(rows, **where):
     return [r for r in rows if all(r[k] == v for k, v in where.items())]
 
 
+def _plot_estimators(ax, rows, x_key, metric, **where):
+    """One error-bar line per estimator: ``metric`` (± s.e.m.) of ``rows`` matching ``where`` against
+    ``x_key``, log y axis (the diagnostic and oracle estimators dashed)."""
+    for name in ALL_ESTIMATORS:
+        pts = _select(rows, estimator=name, **where)
+        if not pts:
+            continue
+        color, marker, text = _STYLE[name]
+        ax.errorbar([p[x_key] for p in pts], [p[metric] for p in pts], yerr=[p[metric + '_sem'] for p in pts],
+                    color=color, marker=marker, ms=4, lw=1.2, capsize=2, label=text,
+                    ls='--' if name in ('own_layer', 'recompute') else '-')
+    ax.set_yscale('log')
+    ax.grid(alpha=0.3, which='both')
+
+
+def _label_grid(ax, row, col, title, xlabel, ylabel):
+    """Labels of a 2-row grid: titles on the top row, x labels on the bottom one, y labels on the left."""
+    if row == 0:
+        ax.set_title(title)
+    if row == 1:
+        ax.set_xlabel(xlabel)
+    if col == 0:
+        ax.set_ylabel(ylabel, fontsize=8)
+
+
 def plot_stats_error(cfg, summary_main, summary_lr, drift_main, drift_lr):
     """Write the PNGs; returns ``{name: path}``."""
     import matplotlib
@@ -458,22 +463,8 @@ def plot_stats_error(cfg, summary_main, summary_lr, drift_main, drift_lr):
     for col, b in enumerate(cfg.batch_sizes):
         for row, (metric, label) in enumerate(metrics):
             ax = axes[row][col]
-            for name in ALL_ESTIMATORS:
-                pts = _select(summary_main, batch_size=b, estimator=name)
-                if not pts:
-                    continue
-                color, marker, text = _STYLE[name]
-                ax.errorbar([p['window'] for p in pts], [p[metric] for p in pts],
-                            yerr=[p[metric + '_sem'] for p in pts], color=color, marker=marker, ms=4,
-                            lw=1.2, capsize=2, label=text, ls='--' if name in ('own_layer', 'recompute') else '-')
-            ax.set_yscale('log')
-            ax.grid(alpha=0.3, which='both')
-            if row == 0:
-                ax.set_title(f'batch {b}, lr {cfg.lr:g}')
-            if row == 1:
-                ax.set_xlabel('window k = buffer_num + 1')
-            if col == 0:
-                ax.set_ylabel(label, fontsize=8)
+            _plot_estimators(ax, summary_main, 'window', metric, batch_size=b)
+            _label_grid(ax, row, col, f'batch {b}, lr {cfg.lr:g}', 'window k = buffer_num + 1', label)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     files['plot_window'] = _save(fig, cfg.out, 'stats_error_vs_window.png')
@@ -483,23 +474,9 @@ def plot_stats_error(cfg, summary_main, summary_lr, drift_main, drift_lr):
     for col, k in enumerate(ks):
         for row, (metric, label) in enumerate(metrics):
             ax = axes[row][col]
-            for name in ALL_ESTIMATORS:
-                pts = _select(summary_main, window=k, estimator=name)
-                if not pts:
-                    continue
-                color, marker, text = _STYLE[name]
-                ax.errorbar([p['batch_size'] for p in pts], [p[metric] for p in pts],
-                            yerr=[p[metric + '_sem'] for p in pts], color=color, marker=marker, ms=4,
-                            lw=1.2, capsize=2, label=text, ls='--' if name in ('own_layer', 'recompute') else '-')
+            _plot_estimators(ax, summary_main, 'batch_size', metric, window=k)
             ax.set_xscale('log', base=2)
-            ax.set_yscale('log')
-            ax.grid(alpha=0.3, which='both')
-            if row == 0:
-                ax.set_title(f'window k={k} (buffer_num={k - 1}), lr {cfg.lr:g}')
-            if row == 1:
-                ax.set_xlabel('batch size')
-            if col == 0:
-                ax.set_ylabel(label, fontsize=8)
+            _label_grid(ax, row, col, f'window k={k} (buffer_num={k - 1}), lr {cfg.lr:g}', 'batch size', label)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     files['plot_batch'] = _save(fig, cfg.out, 'stats_error_vs_batch.png')
@@ -508,17 +485,8 @@ def plot_stats_error(cfg, summary_main, summary_lr, drift_main, drift_lr):
     k = max(cfg.windows)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for metric, ax, label in (('mean_err', axes[0], 'mean error'), ('var_err', axes[1], 'variance error')):
-        for name in ALL_ESTIMATORS:
-            pts = [p for p in _select(summary_lr, window=k, estimator=name)]
-            if not pts:
-                continue
-            color, marker, text = _STYLE[name]
-            ax.errorbar([p['lr'] for p in pts], [p[metric] for p in pts], yerr=[p[metric + '_sem'] for p in pts],
-                        color=color, marker=marker, ms=4, lw=1.2, capsize=2, label=text,
-                        ls='--' if name in ('own_layer', 'recompute') else '-')
+        _plot_estimators(ax, summary_lr, 'lr', metric, window=k)
         ax.set_xscale('log')
-        ax.set_yscale('log')
-        ax.grid(alpha=0.3, which='both')
         ax.set_xlabel('learning rate')
         ax.set_title(f'{label}, batch {cfg.lr_sweep_batch}, window {k}')
     axes[0].legend(fontsize=7)

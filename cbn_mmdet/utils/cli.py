@@ -5,8 +5,8 @@ The package's library functions take plain arguments; only the tools parse ``sys
 import argparse
 import os
 
-__all__ = ['add_launcher_args', 'set_local_rank_env', 'add_cfg_options_arg', 'int_list', 'float_list',
-           'choice_list', 'config_overrides', 'config_error_exit']
+__all__ = ['add_launcher_args', 'set_local_rank_env', 'add_cfg_options_arg', 'parse_mmdet_tool_args', 'int_list',
+           'float_list', 'choice_list', 'config_overrides', 'config_error_exit', 'add_study_args', 'study_config']
 
 LAUNCHERS = ('none', 'pytorch', 'slurm', 'mpi')
 
@@ -29,6 +29,15 @@ def add_cfg_options_arg(parser):
     from mmengine.config import DictAction
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config settings, key=value pairs (xxx=yyy) merged into the config')
+
+
+def parse_mmdet_tool_args(parser, argv=None):
+    """Finish a train/test parser with mmdet's ``--cfg-options``, ``--launcher``, ``--local-rank``; parse."""
+    add_cfg_options_arg(parser)
+    add_launcher_args(parser)
+    args = parser.parse_args(argv)
+    set_local_rank_env(args.local_rank)
+    return args
 
 
 def int_list(text):
@@ -67,3 +76,18 @@ def config_overrides(args, names):
 def config_error_exit(tool, err):
     """The one-line exit of a tool refusing a config: ``tools/train.py: config error: ...`` (exit code 1)."""
     return SystemExit(f'{tool}: config error: {err}')
+
+
+def add_study_args(parser, defaults, datasets):
+    """The options every fidelity study takes: ``--out``, ``--dataset``, ``--threads``, ``--quick``."""
+    parser.add_argument('--out', default=defaults.out, help='output folder (default: %(default)s)')
+    parser.add_argument('--dataset', default=defaults.dataset, choices=datasets)
+    parser.add_argument('--threads', type=int, help=f'torch threads (default: {defaults.threads})')
+    parser.add_argument('--quick', action='store_true', help='a tiny run (for tests and smoke checks)')
+
+
+def study_config(config_cls, args, options):
+    """``config_cls`` (a study's settings) from the parsed ``args``: the given ``options`` (and
+    ``--threads``) override the defaults, or the quick run's with ``--quick``."""
+    overrides = dict(config_overrides(args, (*options, 'threads')), out=args.out, dataset=args.dataset)
+    return config_cls.quick(**overrides) if args.quick else config_cls(**overrides)

@@ -16,17 +16,16 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 from cbn_mmdet.analysis.data import DATASETS  # noqa: E402
 from cbn_mmdet.analysis.nets import NORMS  # noqa: E402
 from cbn_mmdet.analysis.small_batch import BenchConfig, run_bench  # noqa: E402
-from cbn_mmdet.utils.cli import choice_list, config_overrides, int_list  # noqa: E402
+from cbn_mmdet.utils.cli import add_study_args, choice_list, int_list, study_config  # noqa: E402
 
-# the BenchConfig fields settable from the command line (besides --out and --dataset)
-OPTIONS = ('norms', 'batch_sizes', 'seeds', 'epochs', 'base_lr', 'base_batch', 'cbn_buffer', 'cbn_burnin', 'threads')
+# the BenchConfig fields settable from the command line (besides --out, --dataset, --threads)
+OPTIONS = ('norms', 'batch_sizes', 'seeds', 'epochs', 'base_lr', 'base_batch', 'cbn_buffer', 'cbn_burnin')
 
 
 def parse_args(argv=None):
     d = BenchConfig()
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--out', default=d.out, help='output folder (default: %(default)s)')
-    p.add_argument('--dataset', default=d.dataset, choices=DATASETS)
+    add_study_args(p, d, DATASETS)
     p.add_argument('--norms', type=choice_list(NORMS), help=f'comma-separated subset of {NORMS}')
     p.add_argument('--batch-sizes', type=int_list, help=f'default: {d.batch_sizes}')
     p.add_argument('--seeds', type=int_list, help=f'default: {d.seeds}')
@@ -35,16 +34,12 @@ def parse_args(argv=None):
     p.add_argument('--base-batch', type=int, help=f'default: {d.base_batch}')
     p.add_argument('--cbn-buffer', type=int, help=f'CBN buffer_num (default: {d.cbn_buffer})')
     p.add_argument('--cbn-burnin', type=int, help=f'CBN burn-in in training forwards (default: {d.cbn_burnin})')
-    p.add_argument('--threads', type=int, help=f'torch threads (default: {d.threads})')
-    p.add_argument('--quick', action='store_true', help='a tiny run (for tests and smoke checks)')
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    overrides = dict(config_overrides(args, OPTIONS), out=args.out, dataset=args.dataset)
-    cfg = BenchConfig.quick(**overrides) if args.quick else BenchConfig(**overrides)
-    return run_bench(cfg, log=print)
+    return run_bench(study_config(BenchConfig, args, OPTIONS), log=print)
 
 
 if __name__ == '__main__':

@@ -16,18 +16,17 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
 from cbn_mmdet.analysis.data import DATASETS  # noqa: E402
 from cbn_mmdet.analysis.stats_error import StatsErrorConfig, run_stats_error  # noqa: E402
-from cbn_mmdet.utils.cli import config_overrides, float_list, int_list  # noqa: E402
+from cbn_mmdet.utils.cli import add_study_args, float_list, int_list, study_config  # noqa: E402
 
-# the StatsErrorConfig fields settable from the command line (besides --out and --dataset)
+# the StatsErrorConfig fields settable from the command line (besides --out, --dataset, --threads)
 OPTIONS = ('batch_sizes', 'global_batch', 'windows', 'seeds', 'iters', 'num_evals', 'lr', 'lr_sweep',
-           'lr_sweep_batch', 'threads')
+           'lr_sweep_batch')
 
 
 def parse_args(argv=None):
     d = StatsErrorConfig()
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--out', default=d.out, help='output folder (default: %(default)s)')
-    p.add_argument('--dataset', default=d.dataset, choices=DATASETS)
+    add_study_args(p, d, DATASETS)
     p.add_argument('--batch-sizes', type=int_list, help=f'comma-separated (default: {d.batch_sizes})')
     p.add_argument('--global-batch', type=int,
                    help=f'images per SGD step, BN per chunk of --batch-sizes (default: {d.global_batch})')
@@ -39,16 +38,12 @@ def parse_args(argv=None):
     p.add_argument('--lr-sweep', type=float_list,
                    help=f'extra learning rates at --lr-sweep-batch (default: {d.lr_sweep})')
     p.add_argument('--lr-sweep-batch', type=int, help=f'default: {d.lr_sweep_batch}')
-    p.add_argument('--threads', type=int, help=f'torch threads (default: {d.threads})')
-    p.add_argument('--quick', action='store_true', help='a tiny run (for tests and smoke checks)')
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    overrides = dict(config_overrides(args, OPTIONS), out=args.out, dataset=args.dataset)
-    cfg = StatsErrorConfig.quick(**overrides) if args.quick else StatsErrorConfig(**overrides)
-    return run_stats_error(cfg, log=print)
+    return run_stats_error(study_config(StatsErrorConfig, args, OPTIONS), log=print)
 
 
 if __name__ == '__main__':
