@@ -28,8 +28,14 @@ DASH = '–'
 
 
 # ------------------------------------------------------------------------------------ identifying
-_NORM_NAMES = {'CBN': 'CBN', 'SyncCBN': 'CBN', 'SyncBN': 'SyncBN', 'TorchSyncBN': 'SyncBN',
-               'MMSyncBN': 'SyncBN', 'GN': 'GN', 'BN': 'BN', 'BCN': 'BCN', 'MABN': 'MABN'}
+def _norm_name(norm_type):
+    """The paper's column name of a norm ``type``: every CBN type is 'CBN', every other synced BN 'SyncBN'."""
+    from ..models.registry import CBN_TYPES, SYNC_NORM_TYPES
+    if norm_type in CBN_TYPES:
+        return 'CBN'
+    if norm_type in SYNC_NORM_TYPES:
+        return 'SyncBN'
+    return str(norm_type)
 
 
 def _dumped_config(work_dir):
@@ -53,7 +59,7 @@ def _from_config(cfg):
     if kind is None or depth is None:
         return None
     norm_cfg = (model.get('neck') or {}).get('norm_cfg')
-    norm = DASH if not norm_cfg else _NORM_NAMES.get(norm_cfg.get('type'), str(norm_cfg.get('type')))
+    norm = DASH if not norm_cfg else _norm_name(norm_cfg.get('type'))
     conv_cfg = (model.get('neck') or {}).get('conv_cfg')
     if conv_cfg and conv_cfg.get('type') in ('WSConv', 'ConvWS'):
         norm += '+WS'

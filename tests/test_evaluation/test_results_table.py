@@ -1,6 +1,8 @@
 """The results table (``cbn_mmdet.evaluation``) on fake work_dirs laid out as mmengine writes them."""
 import json
 
+import pytest
+
 from cbn_mmdet.evaluation import collect_metrics, identify_run, read_train_losses, results_table
 
 COCO = {'coco/bbox_mAP': 0.380, 'coco/bbox_mAP_50': 0.590, 'coco/bbox_mAP_75': 0.421,
@@ -69,3 +71,16 @@ def test_table(tmp_path):
                      '| 37.0 |']
     assert sum(1 for line in table.splitlines() if 'R-50-FPN |' in line) == 8
     assert any('empty' in n and 'no test or validation metrics' in n for n in notes)
+
+
+@pytest.mark.parametrize('norm_type,conv_type,expected', [
+    ('CBN', None, 'CBN'), ('SyncCBN', None, 'CBN'), ('SyncBN', None, 'SyncBN'), ('TorchSyncBN', None, 'SyncBN'),
+    ('MMSyncBN', None, 'SyncBN'), ('GN', 'WSConv', 'GN+WS'), ('BCN', 'WSConv', 'BCN+WS'), ('MABN', None, 'MABN')])
+def test_row_from_the_dumped_config(tmp_path, norm_type, conv_type, expected):
+    """A run's row comes from the config mmengine dumped into its work_dir, whatever the directory name."""
+    conv = f", conv_cfg=dict(type='{conv_type}')" if conv_type else ''
+    work_dir = tmp_path / 'some_run'
+    work_dir.mkdir()
+    (work_dir / 'dumped.py').write_text(
+        f"model = dict(type='MaskRCNN', backbone=dict(depth=50), neck=dict(norm_cfg=dict(type='{norm_type}'){conv}))\n")
+    assert identify_run(str(work_dir)) == ('Mask R-50-FPN', expected)

@@ -89,3 +89,42 @@ def test_custom_imports_registers(tmp_path):
     cfg = Config.fromfile(str(cfg_file))
     module = ConvModule(3, 8, 3, norm_cfg=cfg.norm_cfg)
     assert isinstance(module.norm, ops.CrossIterationBatchNorm2d)
+
+
+def test_hooks_are_registered_from_the_one_table():
+    from mmengine.registry import HOOKS
+
+    from cbn_mmdet.engine import CBNBurnInHook, NormHealthHook, RNGStateHook
+    from cbn_mmdet.models import HOOK_TYPES
+    assert HOOK_TYPES == {'CBNBurnInHook': CBNBurnInHook, 'NormHealthHook': NormHealthHook,
+                          'RNGStateHook': RNGStateHook}
+    for name, cls in HOOK_TYPES.items():
+        assert HOOKS.get(name) is cls
+
+
+def test_type_name_lists_follow_the_classes():
+    """The lists the config checks use are derived from the registration table, not typed again."""
+    from cbn_mmdet.models import CBN_TYPES, NOT_SYNCBN_CONVERTIBLE, SYNC_NORM_TYPES
+    assert set(CBN_TYPES) == {'CBN', 'SyncCBN'}
+    assert set(SYNC_NORM_TYPES) == {'SyncCBN', 'SyncBN', 'TorchSyncBN', 'MMSyncBN'}
+    assert set(NOT_SYNCBN_CONVERTIBLE) == {'CBN', 'SyncCBN', 'BCN', 'MABN'}
+    for name in CBN_TYPES:
+        assert issubclass(MODELS.get(name), ops.CrossIterationBatchNorm2d)
+
+
+def test_refuses_to_shadow_a_foreign_hook():
+    from mmengine.hooks import Hook
+    from mmengine.registry import HOOKS
+
+    from cbn_mmdet.models import registry
+
+    class ForeignHook(Hook):
+        pass
+
+    original = HOOKS.module_dict['RNGStateHook']
+    HOOKS.register_module(name='RNGStateHook', module=ForeignHook, force=True)
+    try:
+        with pytest.raises(KeyError, match="type='RNGStateHook' registered as"):
+            registry.register_all()
+    finally:
+        HOOKS.register_module(name='RNGStateHook', module=original, force=True)
