@@ -185,11 +185,14 @@ def run_demo(root, work_dir='work_dirs/demo', variants=tuple(VARIANTS), budget=5
         say (callable): receives the progress lines and the final report.
     """
     run = _Run(root, say)
-    work_dir = osp.abspath(osp.join(root, work_dir) if not osp.isabs(work_dir) else work_dir)
-    os.makedirs(work_dir, exist_ok=True)
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise DemoError(f'unknown variant(s) {unknown}; known: {list(VARIANTS)}')
+    missing = [VARIANTS[v][1] for v in ('baseline', *variants) if not osp.isfile(osp.join(root, VARIANTS[v][1]))]
+    if missing:
+        raise DemoError(f'root={root!r} is not a cbn_mmdet checkout: no {missing[0]}')
+    work_dir = osp.abspath(osp.join(root, work_dir) if not osp.isabs(work_dir) else work_dir)
+    os.makedirs(work_dir, exist_ok=True)
     cpus = os.cpu_count() or 1
     jobs = jobs or min(2, cpus)
     threads = max(1, cpus // jobs)
