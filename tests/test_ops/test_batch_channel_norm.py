@@ -278,7 +278,7 @@ def test_constructor_errors():
         BatchChannelNorm2d(8, num_groups=2.0)
     with pytest.raises(ValueError, match=r'num_features must be a positive int, got 0'):
         BatchChannelNorm2d(0, num_groups=1)
-    with pytest.raises(ValueError, match=r'eps must be >= 0, got -1e-05'):
+    with pytest.raises(ValueError, match=r'eps must be > 0, got -1e-05'):
         BatchChannelNorm2d(8, eps=-1e-5, num_groups=2)
     with pytest.raises(ValueError, match=r'momentum must be in \[0, 1\], got 1.5'):
         BatchChannelNorm2d(8, momentum=1.5, num_groups=2)

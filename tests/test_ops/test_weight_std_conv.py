@@ -56,7 +56,7 @@ def test_weight_standardize_matches_loop_and_mmcv(shape):
 
 def test_weight_standardize_statistics():
     w = torch.randn(8, 4, 3, 3, dtype=torch.float64)
-    out = weight_standardize(w, eps=0.0).flatten(1)
+    out = weight_standardize(w, eps=1e-12).flatten(1)
     torch.testing.assert_close(out.mean(1), torch.zeros(8, dtype=torch.float64))
     torch.testing.assert_close(out.std(1), torch.ones(8, dtype=torch.float64))
 
@@ -97,7 +97,7 @@ def test_functional_keeps_dtype_and_computes_in_fp32():
 def test_functional_errors():
     with pytest.raises(ValueError, match=r'fan-in\), got weight of shape \(4, 1, 1, 1\)'):
         weight_standardize(torch.randn(4, 1, 1, 1))
-    with pytest.raises(ValueError, match=r'eps must be >= 0, got -1'):
+    with pytest.raises(ValueError, match=r'eps must be > 0, got -1'):
         weight_standardize(torch.randn(4, 2, 1, 1), eps=-1)
     with pytest.raises(TypeError, match=r'eps must be a real number'):
         weight_standardize(torch.randn(4, 2, 1, 1), eps='1e-5')
@@ -221,7 +221,7 @@ def test_is_a_conv2d():
 
 
 def test_module_errors():
-    with pytest.raises(ValueError, match=r'WeightStandardizedConv2d: ws_eps must be >= 0, got -0.1'):
+    with pytest.raises(ValueError, match=r'WeightStandardizedConv2d: ws_eps must be > 0, got -0.1'):
         WeightStandardizedConv2d(2, 2, 3, ws_eps=-0.1)
     with pytest.raises(TypeError, match=r'WeightStandardizedConv2d: ws_eps must be a real number'):
         WeightStandardizedConv2d(2, 2, 3, ws_eps=None)
@@ -238,3 +238,87 @@ def test_wrong_rank_input(cls):
         conv(torch.randn(1, 4, 5, 5, 5))
     with pytest.raises(ValueError, match=r'got 2D input'):
         conv(torch.randn(4, 5))
+
+
+# ----------------------------------------------------------------------------- eps inside the root
+
+
+def loop_standardize_var_eps(weight, eps=1e-5):
+    """Oracle of the BCN ImageNet code's WS: (W - mean) / sqrt(unbiased var + eps), sums written out."""
+    rows = []
+    for w in weight:
+        values = w.reshape(-1)
+        n = values.numel()
+        mean = values.sum() / n
+        var = ((values - mean) ** 2).sum() / (n - 1)
+        rows.append((w - mean) / (var + eps).sqrt())
+    return torch.stack(rows)
+
+
+def test_weight_standardize_eps_inside_the_root():
+    w = torch.tensor([[1.0, 3.0]], dtype=torch.float64)  # mean 2, unbiased var 2
+    out = weight_standardize(w, eps=0.5, eps_inside_sqrt=True)
+    torch.testing.assert_close(out, torch.tensor([[-1.0, 1.0]], dtype=torch.float64) / math.sqrt(2.5))
+    w = torch.randn(6, 4, 3, 3, dtype=torch.float64) * 0.02
+    torch.testing.assert_close(weight_standardize(w, eps_inside_sqrt=True), loop_standardize_var_eps(w))
+
+
+@pytest.mark.parametrize('eps_inside_sqrt,oracle', [(False, loop_standardize), (True, loop_standardize_var_eps)])
+def test_module_modes_match_their_oracle(eps_inside_sqrt, oracle):
+    conv = WeightStandardizedConv2d(4, 6, 3, padding=1, eps_inside_sqrt=eps_inside_sqrt).double()
+    with torch.no_grad():
+        conv.weight.mul_(0.05)   # small filters: the two modes differ visibly here
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    expected = F.conv2d(x, oracle(conv.weight.detach()), conv.bias.detach(), padding=1)
+    torch.testing.assert_close(conv(x), expected)
+    assert f'eps_inside_sqrt={eps_inside_sqrt}' in repr(conv)
+
+
+def _mode_relative_difference(std):
+    """Relative L2 difference of the conv output of the two WS modes at a per-filter std ``std``."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, 64, 3, 3, generator=gen, dtype=torch.float64)
+    weight = (weight - weight.flatten(1).mean(1).view(-1, 1, 1, 1))
+    weight = weight / weight.flatten(1).std(1).view(-1, 1, 1, 1) * std
+    x = torch.randn(2, 64, 8, 8, generator=gen, dtype=torch.float64)
+    outs = [F.conv2d(x, weight_standardize(weight, 1e-5, mode)) for mode in (False, True)]
+    return float((outs[0] - outs[1]).norm() / outs[1].norm())
+
+
+@pytest.mark.parametrize('std,expected', [(0.03, 0.0052), (0.01, 0.0478)])
+def test_mode_difference_matches_the_documented_figure(std, expected):
+    """docs/norm_layers.md quotes these; hand derivation: with s = std, the outputs differ by the ratio
+    of the two divisors, sqrt(s² + eps) / (s + eps) = 1.0052 at s = 0.03 and 1.0478 at s = 0.01."""
+    ratio = math.sqrt(std ** 2 + 1e-5) / (std + 1e-5)
+    assert abs(_mode_relative_difference(std) - (ratio - 1)) < 1e-6
+    assert abs((ratio - 1) - expected) < 5e-5
+
+
+def test_eps_inside_sqrt_must_be_bool():
+    with pytest.raises(TypeError, match='WeightStandardizedConv2d: eps_inside_sqrt must be a bool'):
+        WeightStandardizedConv2d(2, 3, 3, eps_inside_sqrt=1)
+
+
+@pytest.mark.parametrize('eps', [0, 0.0, -1e-5])
+def test_ws_eps_must_be_positive(eps):
+    with pytest.raises(ValueError, match=r'^WeightStandardizedConv2d: ws_eps must be > 0, got'):
+        WeightStandardizedConv2d(2, 3, 3, ws_eps=eps)
+    with pytest.raises(ValueError, match=r'^weight_standardize: eps must be > 0, got'):
+        weight_standardize(torch.randn(3, 2, 3, 3), eps=eps)
+
+
+def test_ws_refuses_a_foreign_weight():
+    """mmcv's efficient_conv_bn_eval calls conv._conv_forward(x, weight * s, b): re-standardising that
+    would drop s, so the WS conv must refuse it (never silently compute something else)."""
+    conv = WeightStandardizedConv2d(2, 3, 3)
+    with pytest.raises(RuntimeError, match='efficient_conv_bn_eval'):
+        conv._conv_forward(torch.randn(1, 2, 4, 4), conv.weight * 2, conv.bias)
+
+
+def test_centred_conv_commutes_with_a_channel_scale():
+    """Why CenConv folds exactly through mmcv: centring the scaled weight equals scaling the centred one."""
+    conv = CenteredConv2d(3, 4, 3, bias=False).double()
+    scale = torch.rand(4, 1, 1, 1, dtype=torch.float64) + 0.5
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    out = conv._conv_forward(x, conv.weight * scale, None)
+    torch.testing.assert_close(out, F.conv2d(x, loop_center(conv.weight.detach()) * scale))
