@@ -38,10 +38,19 @@ class BatchChannelNorm2d(_BatchNorm):
 
     ``estimate_stats=True`` is the paper's micro-batch mode: in training the running statistics are
     first updated with the current batch statistics (``momentum``), then the input is normalised
-    with the *updated* running statistics, treated as constants (no gradient flows through them).
-    We chose "update, then use" so that the current batch contributes (weight ``momentum``) to the
-    statistic it is normalised with, and "constants" because the estimate is meant to replace
-    the noisy micro-batch statistics, whose gradient the estimate does not have.
+    with the *updated* running statistics, treated as constants (no gradient flows through them),
+    as the released ``EstBN``: the current batch contributes (weight ``momentum``) to the statistic
+    it is normalised with, and the estimate replaces the noisy micro-batch statistics, whose
+    gradient it does not have. ``estimate_mode`` chooses the variance update:
+
+    * ``'official'`` (default, the released ``EstBN``, which produced the paper's numbers):
+      ``running_var ← (1−m)·running_var + m·mean((x − running_mean_old)²)``, the *biased* second
+      moment about the *previous* running mean (so it includes the shift of the mean), then
+      ``running_mean ← (1−m)·running_mean + m·mean(x)``;
+    * ``'unbiased'``: torch BN's update, the unbiased batch variance about the batch mean.
+
+    Unlike ``EstBN`` we still count ``num_batches_tracked`` (so ``momentum=None``, a cumulative
+    average, works, and the buffer is a torch BN's); the update itself does not depend on it.
 
     The released classification code differs in where the affines sit: it uses
     ``nn.BatchNorm2d(C)`` (with its own per-channel affine), then group normalization without
@@ -53,8 +62,10 @@ class BatchChannelNorm2d(_BatchNorm):
     function; the released one can additionally learn a per-channel scale *before* the group
     normalisation, which ours cannot.
 
-    A conv+BN fold (mmcv's ``fuse_conv_bn``) is wrong for this layer (the group normalisation is
-    not a fixed affine map in eval): exclude it from folding.
+    In eval only the batch-normalisation part is a fixed per-channel affine map; the group
+    normalisation depends on the sample. mmcv's own conv+BN folds (``fuse_conv_bn``,
+    ``efficient_conv_bn_eval``) would replace the whole layer by its BN part; ``cbn_mmdet.deploy``
+    folds the BN part and keeps a ``GroupNorm`` (see its guard for mmcv's paths).
 
     Args:
         num_features (int): number of channels ``C``.
@@ -68,6 +79,8 @@ class BatchChannelNorm2d(_BatchNorm):
             ``num_features``. Default: 32.
         estimate_stats (bool, keyword-only): normalise with the updated running statistics in
             training (micro-batch mode); needs ``track_running_stats=True``. Default: False.
+        estimate_mode (str, keyword-only): ``'official'`` or ``'unbiased'``, the running-variance
+            update of ``estimate_stats`` (above; unused without it). Default: ``'official'``.
 
     Shape:
         - Input: ``(N, C, H, W)``; an empty input (``N = 0``) gives an empty output and leaves the
@@ -81,9 +94,10 @@ class BatchChannelNorm2d(_BatchNorm):
     """
 
     _abbr_ = 'bn'
+    ESTIMATE_MODES = ('official', 'unbiased')
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, *,
-                 num_groups=32, estimate_stats=False):
+                 num_groups=32, estimate_stats=False, estimate_mode='official'):
         owner = type(self).__name__
         num_features = check_positive_int('num_features', num_features, owner)
         eps = check_eps(eps, owner)
@@ -93,18 +107,22 @@ class BatchChannelNorm2d(_BatchNorm):
         if not isinstance(estimate_stats, bool):
             raise TypeError(f'{owner}: estimate_stats must be a bool, got {estimate_stats!r} '
                             f'({type(estimate_stats).__name__})')
+        if estimate_mode not in self.ESTIMATE_MODES:
+            raise ValueError(f'{owner}: estimate_mode must be one of {self.ESTIMATE_MODES}, got {estimate_mode!r}')
         if estimate_stats and not track_running_stats:
             raise ValueError(f'{owner}: estimate_stats=True needs track_running_stats=True, got '
                              f'track_running_stats={track_running_stats!r}')
         super().__init__(num_features, eps, momentum, affine, track_running_stats)
         self.num_groups = num_groups
         self.estimate_stats = estimate_stats
+        self.estimate_mode = estimate_mode
 
     def _check_input_dim(self, input):
         check_input_dim(input, (4,), type(self).__name__)
 
     def extra_repr(self):
-        return f'{super().extra_repr()}, num_groups={self.num_groups}, estimate_stats={self.estimate_stats}'
+        return (f'{super().extra_repr()}, num_groups={self.num_groups}, estimate_stats={self.estimate_stats}, '
+                f'estimate_mode={self.estimate_mode!r}')
 
     def forward(self, input):
         self._check_input_dim(input)
@@ -165,7 +183,12 @@ class BatchChannelNorm2d(_BatchNorm):
 
     def _normalize_with_estimated_stats(self, x, factor):
         with torch.no_grad():
-            var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=1)
+            if self.estimate_mode == 'official':
+                mean = x.mean(dim=(0, 2, 3))
+                old_mean = self.running_mean.to(x.dtype).view(1, -1, 1, 1)
+                var = (x - old_mean).square().mean(dim=(0, 2, 3))
+            else:
+                var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=1)
             self.running_mean.mul_(1.0 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
             self.running_var.mul_(1.0 - factor).add_(var.to(self.running_var.dtype), alpha=factor)
         # Copies: a later forward updates the buffers in place, and this step's backward must

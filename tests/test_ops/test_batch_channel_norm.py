@@ -136,7 +136,7 @@ def hand_group_norm(x, num_groups, eps):
 
 def test_estimate_stats_forward_and_backward_by_hand():
     eps, m = 1e-5, 0.25
-    norm = BatchChannelNorm2d(C, eps, m, num_groups=G, estimate_stats=True).double()
+    norm = BatchChannelNorm2d(C, eps, m, num_groups=G, estimate_stats=True, estimate_mode='unbiased').double()
     rm0 = torch.linspace(-1, 1, C, dtype=torch.float64)
     rv0 = torch.linspace(0.5, 3, C, dtype=torch.float64)
     weight = torch.linspace(0.5, 1.5, C, dtype=torch.float64)
@@ -295,3 +295,97 @@ def test_input_errors():
     with pytest.raises(ValueError, match=r'more than 1 value per channel'):
         norm(torch.randn(1, C, 1, 1))
     norm.eval()(torch.randn(1, C, 1, 1))  # fine with running statistics
+
+
+# ----------------------------------------------------------------------------- official EstBN update
+
+
+class EstBNOracle:
+    """The released EstBN's training step, written out per channel with plain sums: the variance is the
+    biased second moment about the OLD running mean, both buffers then move by the momentum, and the
+    input is normalised with the updated buffers (eps inside the root)."""
+
+    def __init__(self, rm, rv, momentum, eps):
+        self.rm, self.rv, self.m, self.eps = rm.clone(), rv.clone(), momentum, eps
+
+    def step(self, x):
+        flat = x.transpose(0, 1).reshape(x.shape[1], -1)
+        n = flat.shape[1]
+        batch_mean = flat.sum(1) / n
+        second_moment = ((flat - self.rm[:, None]) ** 2).sum(1) / n
+        self.rm = (1 - self.m) * self.rm + self.m * batch_mean
+        self.rv = (1 - self.m) * self.rv + self.m * second_moment
+        return (x - self.rm.view(1, -1, 1, 1)) / torch.sqrt(self.rv.view(1, -1, 1, 1) + self.eps)
+
+
+def test_official_estimate_mode_is_the_default():
+    assert BatchChannelNorm2d(C, num_groups=G).estimate_mode == 'official'
+    assert "estimate_mode='official'" in repr(BatchChannelNorm2d(C, num_groups=G))
+
+
+def test_official_estimate_mode_matches_estbn_over_steps():
+    eps, m = 1e-5, 0.3
+    norm = BatchChannelNorm2d(C, eps, m, num_groups=G, estimate_stats=True, estimate_mode='official').double()
+    rm0 = torch.linspace(-1, 1, C, dtype=torch.float64)
+    rv0 = torch.linspace(0.5, 3, C, dtype=torch.float64)
+    with torch.no_grad():
+        norm.running_mean.copy_(rm0)
+        norm.running_var.copy_(rv0)
+        norm.weight.copy_(torch.linspace(0.5, 1.5, C))
+        norm.bias.copy_(torch.linspace(-0.2, 0.2, C))
+    oracle = EstBNOracle(rm0, rv0, m, eps)
+    for step in range(3):
+        x = (batch(n=2) * (step + 1) + step).requires_grad_(True)   # a moving mean: the shift term matters
+        out = norm(x)
+        bn = oracle.step(x.detach())
+        expected = hand_group_norm(bn, G, eps) * norm.weight.detach().view(1, -1, 1, 1) \
+            + norm.bias.detach().view(1, -1, 1, 1)
+        torch.testing.assert_close(norm.running_mean, oracle.rm)
+        torch.testing.assert_close(norm.running_var, oracle.rv)
+        torch.testing.assert_close(out, expected)
+    # The two modes really differ (the shift of the mean and the biased/unbiased factor).
+    unbiased = BatchChannelNorm2d(C, eps, m, num_groups=G, estimate_stats=True, estimate_mode='unbiased').double()
+    unbiased.running_mean.copy_(rm0)
+    unbiased.running_var.copy_(rv0)
+    official = BatchChannelNorm2d(C, eps, m, num_groups=G, estimate_stats=True).double()
+    official.running_mean.copy_(rm0)
+    official.running_var.copy_(rv0)
+    x = batch(n=2) + 2
+    unbiased(x)
+    official(x)
+    assert (official.running_var - unbiased.running_var).abs().min() > 1e-3
+
+
+def test_official_estimate_mode_gradient_treats_stats_as_constants():
+    norm = BatchChannelNorm2d(C, 1e-5, 0.3, num_groups=G, estimate_stats=True).double()
+    oracle = EstBNOracle(norm.running_mean, norm.running_var, 0.3, 1e-5)
+    x = batch(n=2).requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    grad = torch.randn_like(x)
+    norm(x).backward(grad)
+    oracle.step(x.detach())   # the updated statistics, computed off the graph
+    bn = (x_ref - oracle.rm.view(1, -1, 1, 1)) / torch.sqrt(oracle.rv.view(1, -1, 1, 1) + 1e-5)
+    hand_group_norm(bn, G, 1e-5).backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+def test_estimate_mode_is_checked():
+    with pytest.raises(ValueError, match=r"^BatchChannelNorm2d: estimate_mode must be one of .*got 'EstBN'$"):
+        BatchChannelNorm2d(C, num_groups=G, estimate_mode='EstBN')
+
+
+@pytest.mark.parametrize('eps', [0, 0.0, -1.0])
+def test_eps_must_be_positive(eps):
+    with pytest.raises(ValueError, match=r'^BatchChannelNorm2d: eps must be > 0, got'):
+        BatchChannelNorm2d(C, eps=eps, num_groups=G)
+
+
+@pytest.mark.parametrize('estimate_stats', [False, True])
+@pytest.mark.parametrize('training', [True, False])
+def test_empty_batch_dtype_under_autocast_is_the_non_empty_dtype(estimate_stats, training):
+    norm = BatchChannelNorm2d(C, num_groups=G, estimate_stats=estimate_stats).train(training)
+    for dtype in (torch.float32, torch.bfloat16):
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            full = norm(torch.randn(2, C, 4, 4, dtype=dtype))
+            empty = norm(torch.randn(0, C, 4, 4, dtype=dtype))
+        assert empty.dtype == full.dtype == dtype and empty.shape == (0, C, 4, 4)
