@@ -4,14 +4,18 @@ Each image is a textured background (a colour gradient, low-frequency noise and 
 few non-overlapping coloured shapes of three categories — ``rectangle`` (rotated), ``ellipse``,
 ``triangle``. Every object is a polygon, so its COCO annotation (polygon segmentation, bbox, area) is
 exact. Generation is deterministic: image ``i`` of split ``s`` depends only on ``(seed, s, i)`` and the
-size parameters, and a ``meta.json`` records them so that an existing dataset is reused, never silently
-mixed with another one.
+size parameters.
+
+Safety: the generator only ever writes a directory it creates, and marks it with ``.cbn_mmdet_synthetic``
+(its parameters). An existing directory is reused when it carries the mark of the same parameters and
+refused otherwise (an unmarked one may be the user's own dataset; a marked one with other parameters may
+be shared by other configs). Nothing is ever deleted but the generator's own temporary directory.
 
 Layout (``out_dir``)::
 
     train/000000.png ...          val/000000.png ...
     annotations/instances_train.json   annotations/instances_val.json
-    meta.json
+    meta.json  .cbn_mmdet_synthetic
 
 Command line: ``python tools/misc/synthetic_coco.py [OUT_DIR] [--seed S] [--num-train N] ...``.
 """
@@ -24,15 +28,21 @@ import tempfile
 
 import numpy as np
 
-__all__ = ['SYNTHETIC_CLASSES', 'SYNTHETIC_PALETTE', 'DEFAULT_PARAMS', 'generate_synthetic_coco',
-           'ensure_synthetic_coco', 'synthetic_params']
+__all__ = ['SYNTHETIC_CLASSES', 'SYNTHETIC_PALETTE', 'DEFAULT_PARAMS', 'MARK_FILE', 'SyntheticDataError',
+           'generate_synthetic_coco', 'ensure_synthetic_coco', 'synthetic_params', 'read_mark']
 
 SYNTHETIC_CLASSES = ('rectangle', 'ellipse', 'triangle')
 SYNTHETIC_PALETTE = [(220, 20, 60), (0, 128, 255), (60, 180, 75)]
 FORMAT_VERSION = 1
+# The file that marks a directory as written by this generator (with its parameters, as JSON).
+MARK_FILE = '.cbn_mmdet_synthetic'
 DEFAULT_PARAMS = dict(seed=0, num_train=160, num_val=40, image_size=128, min_objects=1, max_objects=4,
                       min_size=18, max_size=52)
 _SPLITS = {'train': 0, 'val': 1}
+
+
+class SyntheticDataError(ValueError):
+    """The output directory exists and is not this generator's set of the requested parameters."""
 
 
 def synthetic_params(**overrides):
@@ -177,51 +187,86 @@ def _meta(params):
     return dict(format_version=FORMAT_VERSION, classes=list(SYNTHETIC_CLASSES), **params)
 
 
-def _is_complete(out_dir, params):
-    meta_file = osp.join(out_dir, 'meta.json')
+def _read_json(path):
     try:
-        with open(meta_file) as f:
-            meta = json.load(f)
+        with open(path) as f:
+            return json.load(f)
     except (OSError, ValueError):
+        return None
+
+
+def read_mark(out_dir):
+    """The parameters a directory was generated with, or ``None`` when the generator did not create it.
+
+    The mark is :data:`MARK_FILE` (written last, so a marked directory is complete). Directories written
+    before the mark existed are recognised by their ``meta.json`` holding exactly our keys.
+    """
+    mark = _read_json(osp.join(out_dir, MARK_FILE))
+    if isinstance(mark, dict):
+        return mark
+    legacy = _read_json(osp.join(out_dir, 'meta.json'))
+    if isinstance(legacy, dict) and set(legacy) == set(_meta(DEFAULT_PARAMS)) \
+            and legacy.get('classes') == list(SYNTHETIC_CLASSES):
+        return legacy
+    return None
+
+
+def _check_reusable(out_dir, params):
+    """``True`` if ``out_dir`` holds our set for ``params``; raise if it exists and holds anything else."""
+    if not osp.lexists(out_dir):
         return False
-    if meta != _meta(params):
-        return False
-    for split in _SPLITS:
-        count = params[f'num_{split}']
-        if not osp.isfile(osp.join(out_dir, 'annotations', f'instances_{split}.json')):
-            return False
-        if not osp.isfile(osp.join(out_dir, split, f'{count - 1:06d}.png')):
-            return False
+    if not osp.isdir(out_dir):
+        raise SyntheticDataError(f'{out_dir!r} exists and is not a directory; refusing to write a synthetic '
+                                 'dataset there')
+    mark = read_mark(out_dir)
+    if mark is None:
+        raise SyntheticDataError(
+            f'{out_dir!r} exists and was not created by the synthetic-data generator (no {MARK_FILE} '
+            'file): refusing to write into it. If it is your own dataset, drop the synthetic data step '
+            '(--cfg-options synthetic_data=None); otherwise point synthetic_data.out_dir at a new directory.')
+    wanted = _meta(params)
+    if mark != wanted:
+        diff = ', '.join(f'{k}={mark.get(k)!r} (asked: {v!r})' for k, v in wanted.items() if mark.get(k) != v)
+        raise SyntheticDataError(
+            f'{out_dir!r} holds a synthetic dataset generated with other parameters: {diff}. Refusing to '
+            'replace it (other configs may use it): point synthetic_data.out_dir at a new directory, or '
+            'delete the old one yourself.')
     return True
 
 
 def generate_synthetic_coco(out_dir, **params):
-    """Write the dataset into ``out_dir`` (replacing whatever is there); return its ``meta`` dict.
+    """Write the dataset into ``out_dir``, which must not exist; return its ``meta`` dict.
 
-    Written into a temporary sibling directory and renamed at the end, so an interrupted run never
-    leaves a directory that looks complete (concurrent writers of the same parameters are harmless).
+    Never writes into, or deletes, a directory it did not create: the set is rendered into a temporary
+    sibling directory (the mark written last) and renamed to ``out_dir``, so an interrupted run never
+    leaves a directory that looks complete. A concurrent writer of the same parameters is harmless.
     """
     params = synthetic_params(**params)
     out_dir = osp.abspath(out_dir)
+    if osp.lexists(out_dir):
+        raise SyntheticDataError(f'{out_dir!r} already exists; generate_synthetic_coco only writes a new '
+                                 'directory (ensure_synthetic_coco reuses an identical set)')
     parent = osp.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix='.synthetic_coco_', dir=parent)
+    tmp = tempfile.mkdtemp(prefix='.synthetic_coco_', dir=parent)   # ours: the only tree we ever remove
     try:
         counts = {split: _write_split(tmp, params, split, params[f'num_{split}']) for split in _SPLITS}
         meta = dict(_meta(params), num_annotations=counts)
         with open(osp.join(tmp, 'meta.json'), 'w') as f:
             json.dump(_meta(params), f, indent=1)
-        if osp.isdir(out_dir):
-            if _is_complete(out_dir, params):   # another process finished the same dataset first
-                shutil.rmtree(tmp)
-                return meta
-            shutil.rmtree(out_dir)
+        with open(osp.join(tmp, MARK_FILE), 'w') as f:
+            json.dump(_meta(params), f, indent=1)
         try:
-            os.replace(tmp, out_dir)
+            # rename(2) onto an existing non-empty directory fails: nothing of a late-created out_dir
+            # is touched; os.rename (not os.replace) so that an existing *file* is not replaced either.
+            if osp.lexists(out_dir):
+                raise FileExistsError(out_dir)
+            os.rename(tmp, out_dir)
         except OSError:
-            if not _is_complete(out_dir, params):   # not a concurrent writer of the same dataset
-                raise
-            shutil.rmtree(tmp)
+            if not (osp.isdir(out_dir) and read_mark(out_dir) == _meta(params)):
+                raise SyntheticDataError(f'{out_dir!r} appeared while the synthetic dataset was being '
+                                         'generated; left it untouched') from None
+            shutil.rmtree(tmp)        # a concurrent writer of the same set finished first
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -231,10 +276,17 @@ def generate_synthetic_coco(out_dir, **params):
 def ensure_synthetic_coco(out_dir, **params):
     """Generate the dataset into ``out_dir`` unless it already holds exactly these parameters.
 
-    Returns ``True`` when it generated, ``False`` when it reused an existing dataset.
+    Returns ``True`` when it generated, ``False`` when it reused an existing dataset. Raises
+    :class:`SyntheticDataError` (naming the path) when ``out_dir`` exists but is not our set of these
+    parameters: it is never written into, emptied or replaced.
     """
     params = synthetic_params(**params)
-    if _is_complete(out_dir, params):
+    if _check_reusable(osp.abspath(out_dir), params):
         return False
-    generate_synthetic_coco(out_dir, **params)
+    try:
+        generate_synthetic_coco(out_dir, **params)
+    except SyntheticDataError:
+        if _check_reusable(osp.abspath(out_dir), params):   # a concurrent run made the same set
+            return False
+        raise
     return True

@@ -38,15 +38,26 @@ def ensure_config_data(cfg, logger=None):
     """Generate the synthetic dataset a config asks for (top-level ``synthetic_data=dict(out_dir=..., ...)``).
 
     Configs on real data have no such key and are left alone; missing real data is then reported by
-    :func:`cbn_mmdet.engine.config_checks.check_dataset_paths`.
+    :func:`cbn_mmdet.engine.config_checks.check_dataset_paths`. An ``out_dir`` that exists and is not the
+    generator's set of these parameters (the user's own dataset, say) is refused with a
+    :class:`ConfigError`, never written into.
     """
     spec = cfg.get('synthetic_data')
     if not spec:
         return
-    from ..datasets import ensure_synthetic_coco
+    from ..datasets import SyntheticDataError, ensure_synthetic_coco
+    if not isinstance(spec, dict) or not isinstance(spec.get('out_dir'), str) or not spec['out_dir']:
+        raise ConfigError(f'synthetic_data = {spec!r}: expected dict(out_dir=<new directory>, seed=..., ...) '
+                          'or None')
     spec = dict(spec)
     out_dir = spec.pop('out_dir')
-    if ensure_synthetic_coco(out_dir, **spec) and logger is not None:
+    try:
+        made = ensure_synthetic_coco(out_dir, **spec)
+    except SyntheticDataError as err:
+        raise ConfigError(f'synthetic_data.out_dir = {out_dir!r}: {err}') from None
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f'synthetic_data = {dict(spec, out_dir=out_dir)!r}: {err}') from None
+    if made and logger is not None:
         logger(f'generated the synthetic dataset in {out_dir}')
 
 

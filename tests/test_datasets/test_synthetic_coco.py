@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
-from cbn_mmdet.datasets import SYNTHETIC_CLASSES, ensure_synthetic_coco, generate_synthetic_coco
+from cbn_mmdet.datasets import SYNTHETIC_CLASSES, SyntheticDataError, ensure_synthetic_coco, generate_synthetic_coco
 from cbn_mmdet.datasets.synthetic_coco import render_image, synthetic_params
 
 SMALL = dict(seed=3, num_train=6, num_val=3, image_size=64, min_size=12, max_size=28)
@@ -56,14 +56,17 @@ def test_deterministic_by_seed(tmp_path, small):
     assert not np.array_equal(img, other_img) or anns != other_anns
 
 
-def test_reused_when_parameters_match_and_regenerated_otherwise(tmp_path):
+def test_reused_when_parameters_match_and_refused_otherwise(tmp_path):
     out = str(tmp_path / 'coco')
     params = dict(SMALL, num_train=2, num_val=1)
     assert ensure_synthetic_coco(out, **params) is True
+    before = sorted(p.name for p in (tmp_path / 'coco' / 'train').iterdir())
     assert ensure_synthetic_coco(out, **params) is False            # same parameters: reused
-    assert ensure_synthetic_coco(out, **dict(params, seed=9)) is True
+    with pytest.raises(SyntheticDataError, match=r"seed=3 \(asked: 9\)"):
+        ensure_synthetic_coco(out, **dict(params, seed=9))           # other parameters: refused, kept
     with open(osp.join(out, 'meta.json')) as f:
-        assert json.load(f)['seed'] == 9
+        assert json.load(f)['seed'] == 3
+    assert sorted(p.name for p in (tmp_path / 'coco' / 'train').iterdir()) == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith('.synthetic_coco_')]   # no leftovers
 
 

@@ -1,5 +1,7 @@
-"""tools/misc/synthetic_coco.py: generates the dataset once, then reuses it unless --force."""
+"""tools/misc/synthetic_coco.py: generates the dataset once, reuses it, refuses other parameters there."""
 import json
+
+import pytest
 
 from tests.tiny_config import load_tool
 
@@ -17,5 +19,6 @@ def test_generate_then_reuse(tmp_path, capsys):
     assert sorted(p.name for p in (out / 'train').iterdir()) == ['000000.png', '000001.png']
     tool.main([str(out), *ARGS])
     assert capsys.readouterr().out.strip() == f'reused {out}'
-    tool.main([str(out), *ARGS, '--force'])
-    assert capsys.readouterr().out.strip() == f'generated {out}'
+    with pytest.raises(SystemExit, match=r"other parameters: seed=2 \(asked: 5\)"):
+        tool.main([str(out), *ARGS, '--seed', '5'])
+    assert json.loads((out / 'meta.json').read_text())['seed'] == 2
