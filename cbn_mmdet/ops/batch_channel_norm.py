@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._validate import check_divides, check_eps, check_input_dim, check_positive_int, check_unit_interval
 from ._amp import autocast_off, compute_dtype
+from ._validate import check_divides, check_eps, check_input_dim, check_positive_int, check_unit_interval
 
 __all__ = ['BatchChannelNorm2d']
 

@@ -186,8 +186,9 @@ class CenteredConv2d(nn.Conv2d):
     Computes ``conv2d(x, W - mean(W[o]), bias)`` with the mean over each output channel's
     ``(C_in / groups, kh, kw)`` entries. The centring runs inside ``_conv_forward`` on whatever
     weight it is given: centring commutes with a per-output-channel scale, so a norm folded into the
-    raw weight (mmcv's ``fuse_conv_bn`` and ``efficient_conv_bn_eval``) stays exact. MABN normalises by the second moment only (no mean
-    subtraction); the centred weight takes over the role of the mean. MABN uses ``bias=False``
+    raw weight (mmcv's ``fuse_conv_bn`` and ``efficient_conv_bn_eval``) stays exact.
+    MABN normalises by the second moment only (no mean subtraction); the centred weight takes over
+    the role of the mean. MABN uses ``bias=False``
     (a bias would re-introduce the offset the centring removes); the default here follows
     ``nn.Conv2d`` (``bias=True``) so the layer is a drop-in conv, so pass ``bias=False`` for MABN.
 

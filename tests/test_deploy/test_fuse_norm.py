@@ -82,3 +82,57 @@ def test_fuse_tool_on_a_cbn_detector_config(tmp_path):
     report, diff = main([str(cfg), '--out', str(out), '--shape', '64', '64'])
     assert diff < 1e-3 and out.exists()
     assert len(report['fused']) > 20 and not report['kept']
+
+
+# ----------------------------------------------------------------------------- weight-transforming convs
+
+WS_CONVS = {
+    'WSConv': dict(type='WSConv'),
+    'WSConv-eps-inside': dict(type='WSConv', eps_inside_sqrt=True),
+    'ConvWS': dict(type='ConvWS'),      # mmcv's
+    'ConvAWS': dict(type='ConvAWS'),    # mmcv's adaptive WS (learned gamma/beta on the standardized weight)
+    'CenConv': dict(type='CenConv'),
+}
+
+
+@pytest.mark.parametrize('conv', sorted(WS_CONVS))
+@pytest.mark.parametrize('norm', [dict(type='BN'), dict(type='MABN', B=1, real_B=2)])
+def test_weight_transforming_convs_fold_into_plain_convs(conv, norm):
+    model = _trained(norm, WS_CONVS[conv])
+    if conv == 'ConvAWS':
+        with torch.no_grad():   # non-trivial adaptive parameters
+            for block in model:
+                block.conv.weight_gamma.uniform_(0.5, 1.5)
+                block.conv.weight_beta.uniform_(-0.1, 0.1)
+    reference = copy.deepcopy(model)
+    report = fuse_norm_layers(model)
+    assert report['fused'] == ['0.bn', '1.bn'] and all(type(block.conv) is nn.Conv2d for block in model)
+    x = torch.randn(3, 3, 6, 6) * 3 + 1
+    torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_weight_transform_is_kept_with_its_reason():
+    from cbn_mmdet.ops import WeightStandardizedConv2d
+
+    class ScaledWS(WeightStandardizedConv2d):
+        def cbn_effective_weight(self):
+            return 2 * super().cbn_effective_weight()
+
+    model = nn.Sequential(ScaledWS(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    report = fuse_norm_layers(model)
+    assert not report['fused'] and 'ScaledWS transforms its weight' in report['kept']['1']
+    assert isinstance(model[1], nn.BatchNorm2d)
+
+
+def test_conv_subclass_keeps_its_forward():
+    """A conv subclass with its own forward (mmcv's adaptive padding) is folded in place on a copy."""
+    from mmcv.cnn.bricks.conv2d_adaptive_padding import Conv2dAdaptivePadding
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv2dAdaptivePadding(3, 4, 3, stride=2, bias=False), nn.BatchNorm2d(4))
+    model(torch.randn(2, 3, 7, 7))
+    model.eval()
+    reference = copy.deepcopy(model)
+    fuse_norm_layers(model)
+    assert type(model[0]) is Conv2dAdaptivePadding and isinstance(model[1], nn.Identity)
+    x = torch.randn(2, 3, 7, 7)
+    torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-5)

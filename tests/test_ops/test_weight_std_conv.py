@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cbn_mmdet.ops.weight_std_conv import (CenteredConv2d, WeightStandardizedConv2d, weight_center,
-                                           weight_standardize)
+from cbn_mmdet.ops.weight_std_conv import CenteredConv2d, WeightStandardizedConv2d, weight_center, weight_standardize
 
 
 def loop_standardize(weight, eps=1e-5):
