@@ -49,10 +49,10 @@ def check_eps(value, owner='layer', name='eps'):
     ``eps = 0`` is refused although torch's BN accepts it: a constant channel (or a constant filter
     for WS) then divides 0 by 0 and gives NaN, and cuDNN's batch norm requires eps >= 1e-5 anyway.
     """
-    value = check_finite(name, value, owner)
-    if value <= 0:
+    number = check_finite(name, value, owner)
+    if number <= 0:
         raise ValueError(f'{owner}: {name} must be > 0, got {value!r}')
-    return value
+    return number
 
 
 def check_unit_interval(name, value, owner='layer', allow_none=False):
