@@ -53,8 +53,11 @@ class _CBNNormalise(torch.autograd.Function):
         grad_out = grad_out.contiguous(memory_format=_memory_format(x))
         # Eval-mode BN backward with running_var = 1/inv² and eps = 0: exactly our inv; only its fused
         # reductions are used (Σ g·(x − μ̄)·inv and Σ g), dL/dx is assembled below in two passes.
+        # save_mean/save_invstd must be real tensors: CUDA's kernel asserts they are defined whenever the
+        # input gradient is not requested (and uses them instead of the running statistics when
+        # non-empty); the CPU kernel reads the running ones in eval mode. Both describe the same μ̄, inv.
         _, grad_weight, sum_g = torch.ops.aten.native_batch_norm_backward(
-            grad_out, x, gamma, mean, inv.pow(-2), None, None, False, 0.0, [False, True, True])
+            grad_out, x, gamma, mean, inv.pow(-2), mean, inv, False, 0.0, [False, True, True])
         centred_sum = grad_weight / inv                 # Σ g·(x − μ̄)
         if eps_inside_sqrt:
             dinv_dvar = -0.5 * inv.pow(3)

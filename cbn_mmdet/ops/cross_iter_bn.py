@@ -100,6 +100,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     """
 
     _abbr_ = 'bn'   # so BN checkpoints (``...bn.weight``) load into CBN models
+    # 3: window_weight / window_sq_grad stored flat as (buffer_num, C, K) (5-D before; still loadable).
+    _version = 3
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, *,
                  buffer_num=0, rho=1.0, burnin=0, sync=False, process_group=None,
@@ -145,12 +147,6 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self._bind_error = None
         self._layer_name = None
         self._last_past_kept = None   # per-entry weights of the last window step (grad_through_window)
-        # Per-entry offsets Σ_k W_τ·∂μ_τ/∂W and Σ_k W_τ·∂ν_τ/∂W (derived from the window buffers, so not
-        # state): the compensation then never reads the stored weights. See _window_offsets.
-        self._offsets = None
-        # One reusable weight-sized work tensor: fresh multi-MB temporaries each step cost page faults
-        # that are a visible share of a small conv's time on CPU.
-        self._work = None
         if self.buffer_num > 0:
             queue_for_binding(self)
 
@@ -192,6 +188,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                                f"conv_cfg=dict(type='WSConv') (it exposes the weight it convolves with)")
         if self._binding is not None:
             self._binding[1].remove()
+        # Final buffer shapes now, before any copy of the model (EMA, deepcopy) is taken.
+        weight_shape = conv.weight.shape
+        self._materialise(weight_shape, conv.groups, math.prod(weight_shape[1:]))
         handle = conv.register_forward_pre_hook(self._capture_conv_input)
         self._binding = (conv, handle)
         self._bind_error = None
@@ -226,8 +225,12 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        version = local_metadata.get('version', None)
         for name in _CONV_SHAPED_BUFFERS:
             key = prefix + name
+            if (version is None or version < 3) and key in state_dict and state_dict[key].dim() == 5:
+                # Layout of version <= 2: weight-shaped (n, C_out, C_in/g, kh, kw) entries; now (n, C, K).
+                state_dict[key] = state_dict[key].flatten(2)
             if key in state_dict and self._buffers[name].numel() == 0:
                 self._buffers[name].resize_(state_dict[key].shape)   # in place: DDP keeps its handle
         absent = [name for name in _CBN_ONLY_BUFFERS if prefix + name not in state_dict]
@@ -262,7 +265,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
     def _momentum_factor(self):
         if self.momentum is None:
-            return 1.0 / float(self.num_batches_tracked)
+            # A tensor: reading the counter on the host would synchronise every training step.
+            return 1.0 / self.num_batches_tracked.to(self.running_mean.dtype)
         return self.momentum
 
     def _normalise(self, x, mean, var):
@@ -306,9 +310,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         return self._window_forward(x, weight, conv_input)
 
     def _empty_output(self, x):
-        # Keep the graph connected to γ/β so that DDP sees every parameter used.
+        # Keep the graph connected to γ/β so that DDP sees every parameter used; x's dtype like a
+        # non-empty batch (under autocast γ is float32 and would promote the product).
         out = x * 0 if self.weight is None else x * self.weight.view(1, -1, 1, 1)
-        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
+        out = out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
+        return out.to(x.dtype)
 
     def _eval_forward(self, x):
         dtype = torch.promote_types(x.dtype, torch.float32)
@@ -409,6 +415,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             self._check_count(count)
             sq_t = var_t + mean_t * mean_t
             weight_t, mean_grad, sq_grad, groups = self._statistic_grads(xs, weight, conv_input)
+            self._materialise(weight_t.shape, groups, mean_grad.shape[-1])   # explicit-weight path
             if synced:
                 (mean_grad, sq_grad), _ = sync_weighted_mean(
                     (mean_grad, sq_grad), x.shape[0] * x.shape[2] * x.shape[3], group=self.process_group)
@@ -478,26 +485,24 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         """Compensate the window to ``weight_t``; return ``(c, A, B)`` with μ̄ = c·μ_t + A, S = c·ν_t + B.
 
         Entries (the current one included) whose compensated ν − μ² < 0 are dropped; n counts the kept
-        ones, c = kept_t / n, A and B are the kept past sums over n.
+        ones, c = kept_t / n, A and B are the kept past sums over n. Every step runs the same fixed
+        sequence of batched ops (an empty slot is masked, not skipped): no branch on the window's state.
         """
         kept_t = (sq_t - mean_t * mean_t >= 0).to(mean_t.dtype)
-        kept = kept_t
-        past_mean_sum = torch.zeros_like(mean_t)
-        past_sq_sum = torch.zeros_like(mean_t)
-        if self.window_weight.numel() > 0:
-            past_mean, past_sq = self._compensated_window(weight_t, mean_t.dtype)
-            past_kept = (self.window_filled.view(-1, 1) & (past_sq - past_mean * past_mean >= 0))
-            past_kept = past_kept.to(mean_t.dtype)
-            kept = kept + past_kept.sum(0)
-            past_mean_sum = (past_kept * past_mean).sum(0)
-            past_sq_sum = (past_kept * past_sq).sum(0)
+        past_mean, past_sq = self._compensated_window(weight_t, mean_t.dtype)
+        past_ok = self.window_filled.view(-1, 1) & (past_sq - past_mean * past_mean >= 0)
+        # where, not a product: an unfilled slot may hold anything (NaN of a skipped step included).
+        zero = mean_t.new_zeros(())
+        kept = kept_t + past_ok.sum(0)
+        past_mean_sum = torch.where(past_ok, past_mean, zero).sum(0)
+        past_sq_sum = torch.where(past_ok, past_sq, zero).sum(0)
         # Guard (official: 0/0 = NaN): no valid entry -> the current batch alone, and count the event.
         none_kept = kept == 0
-        self.num_fallbacks.add_(none_kept.any().long())
-        kept_t = torch.where(none_kept, torch.ones_like(kept_t), kept_t)
-        kept = torch.where(none_kept, torch.ones_like(kept), kept)
+        self.num_fallbacks.add_(none_kept.any())
+        kept_t = kept_t.masked_fill(none_kept, 1.0)
+        kept = kept.masked_fill(none_kept, 1.0)
         if self.grad_through_window:   # only that option reads the per-entry shares
-            self._last_past_kept = past_kept / kept if self.window_weight.numel() > 0 else None
+            self._last_past_kept = past_ok / kept
         return kept_t / kept, past_mean_sum / kept, past_sq_sum / kept
 
     def _sample_grid(self, out_size):
@@ -526,7 +531,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             groups = mean_grad.shape[1]
             share_g = shares.view(n, groups, c // groups)
             d_mean = self.rho * torch.einsum('ngo,ngk->gok', share_g, mean_grad).reshape(c, -1)
-            d_sq = self.rho * torch.einsum('nc,nck->ck', shares, self.window_sq_grad.to(dtype).reshape(n, c, -1))
+            d_sq = self.rho * torch.einsum('nc,nck->ck', shares, self.window_sq_grad.to(dtype))
         w = live.to(dtype).reshape(c, -1)
         zero = w - w.detach()
         return past_mean + (zero * d_mean).sum(-1), past_sq + (zero * d_sq).sum(-1)
@@ -534,112 +539,58 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     def _compensated_window(self, weight_t, dtype):
         """Every stored entry moved to ``weight_t``: ``(μ_τ(W_t), ν_τ(W_t))``, each ``(n, C)``.
 
-        ``Σ_k (W_t − W_τ)·g_τ = Σ_k W_t·g_τ − Σ_k W_τ·g_τ`` with the second sum precomputed per entry (see
-        ``_window_offsets``): one pass over the stored ``∂ν/∂W`` and none over the stored weights, instead
-        of materialising ``W_t − W_τ`` for the whole window.
+        The weight difference ``W_t − W_τ`` is formed first and then contracted with the stored slopes:
+        subtracting two large products ``Σ W_t·g − Σ W_τ·g`` instead would lose the (small) offset to
+        cancellation, badly so under TF32 matmuls.
         """
         n, c = self.window_mean.shape
-        mean_off, sq_off = self._window_offsets(dtype)
-        w = weight_t.to(dtype).reshape(c, -1)
-        mean_grad = self.window_mean_grad.to(dtype)                                   # (n, groups, K)
+        delta = weight_t.to(dtype).reshape(1, c, -1) - self.window_weight.to(dtype)       # (n, C, K)
+        mean_grad = self.window_mean_grad.to(dtype)                                      # (n, groups, K)
         groups = mean_grad.shape[1]
-        # Σ_k W_t[c, k]·∂μ_τ/∂W[g(c), k]: (groups, n, K) @ (groups, K, C/groups), a tiny product.
-        mean_dot = torch.bmm(mean_grad.transpose(0, 1), w.view(groups, c // groups, -1).transpose(1, 2))
-        mean_dot = mean_dot.transpose(0, 1).reshape(n, c)
-        sq_grads = self.window_sq_grad.to(dtype).reshape(n, c, -1)
-        work = self._work_tensor(w.shape, dtype, w.device)
-        sq_dot = torch.stack([torch.mul(sq_grads[j], w, out=work).sum(-1) for j in range(n)])   # (n, C)
-        return (self.window_mean.to(dtype) + self.rho * (mean_dot - mean_off),
-                self.window_sq.to(dtype) + self.rho * (sq_dot - sq_off))
-
-    def _work_tensor(self, shape, dtype, device):
-        """A scratch tensor of ``shape`` (a view of the layer's reusable work storage)."""
-        numel = math.prod(shape)
-        work = self._work
-        if work is None or work.numel() < numel or work.dtype != dtype or work.device != device:
-            work = self._work = torch.empty(numel, dtype=dtype, device=device)
-        return work[:numel].view(shape)
-
-    def _entry_offsets(self, weight, mean_grad, sq_grad, dtype):
-        """``(Σ_k W[c,k]·∂μ/∂W[g(c),k], Σ_k W[c,k]·∂ν/∂W[c,k])`` of one entry, each ``(C,)``.
-
-        Always called on freshly allocated, contiguous tensors (see ``_window_offsets``), so an offset
-        recomputed from a loaded checkpoint is bit-identical to the one computed when the entry was pushed.
-        """
-        c, groups = weight.shape[0], mean_grad.shape[0]
-        w = weight.to(dtype).reshape(c, -1)
-        mean_off = torch.bmm(w.view(groups, c // groups, -1), mean_grad.to(dtype).view(groups, -1, 1)).reshape(c)
-        work = self._work_tensor(w.shape, dtype, w.device)
-        sq_off = torch.mul(w, sq_grad.to(dtype).reshape(c, -1), out=work).sum(-1)
-        return mean_off, sq_off
-
-    def _offsets_stamp(self, dtype):
-        # Host-side identity of the window buffers: any in-place write (a push, load_state_dict, a user's
-        # edit) bumps a tensor's _version, and .to()/.half() replace the tensors; no device sync.
-        return (dtype,) + tuple((t.data_ptr(), t._version, t.dtype, t.device)
-                                for t in (self.window_weight, self.window_mean_grad, self.window_sq_grad))
-
-    def _window_offsets(self, dtype):
-        """The per-entry offsets ``(n, C)`` of the current window buffers, recomputed only when stale."""
-        stamp = self._offsets_stamp(dtype)
-        if self._offsets is None or self._offsets[0] != stamp:
-            rows = [self._entry_offsets(*(self._buffers[name][j].clone() for name in _CONV_SHAPED_BUFFERS), dtype)
-                    for j in range(self.buffer_num)]
-            mean_off = torch.stack([r[0] for r in rows])
-            sq_off = torch.stack([r[1] for r in rows])
-            self._offsets = (stamp, mean_off, sq_off)
-        return self._offsets[1], self._offsets[2]
+        # Σ_k ΔW[c, k]·∂μ_τ/∂W[g(c), k]: one batched matrix-vector product over (entry, group).
+        mean_dot = torch.bmm(delta.view(n * groups, c // groups, -1), mean_grad.view(n * groups, -1, 1))
+        sq_dot = (delta * self.window_sq_grad.to(dtype)).sum(-1)                          # (n, C)
+        return (torch.add(self.window_mean.to(dtype), mean_dot.view(n, c), alpha=self.rho),
+                torch.add(self.window_sq.to(dtype), sq_dot, alpha=self.rho))
 
     @torch.no_grad()
     def _push(self, weight_t, mean_t, sq_t, mean_grad, sq_grad, groups, valid=None):
         """Write the current entry over the oldest slot (a ring: order is irrelevant to a mean).
 
         ``valid`` (a 0-dim bool tensor) is False for a step whose statistics are unusable (non-finite,
-        or an empty global batch under sync): nothing is written and the ring does not advance, without
-        reading the flag on the host.
+        or an empty global batch under sync): the slot keeps its content and the ring does not advance,
+        without reading the flag on the host.
         """
-        self._materialise(weight_t.shape, groups, mean_grad.shape[-1])
+        c = self.num_features
         slot = self.window_head.view(1)
-        dtype = mean_t.dtype
-        offsets_fresh = self._offsets is not None and self._offsets[0] == self._offsets_stamp(dtype)
-        stored = {}
-        for name, value in (('window_weight', weight_t), ('window_mean_grad', mean_grad),
-                            ('window_sq_grad', sq_grad), ('window_mean', mean_t), ('window_sq', sq_t)):
+        for name, value in (('window_weight', weight_t.reshape(c, -1)), ('window_mean_grad', mean_grad),
+                            ('window_sq_grad', sq_grad.reshape(c, -1)), ('window_mean', mean_t),
+                            ('window_sq', sq_t)):
             buf = self._buffers[name]
-            stored[name] = value = value.to(buf.dtype).contiguous()
-            value = value.unsqueeze(0)
+            value = value.to(buf.dtype).unsqueeze(0)
             if valid is not None:   # keep the slot's old content unless valid, without a host read
-                keep = self._work_tensor(value.shape, buf.dtype, buf.device)
-                torch.index_select(buf, 0, slot, out=keep)
-                value = torch.where(valid, value, keep, out=keep)
+                value = torch.where(valid, value, buf.index_select(0, slot))
             buf.index_copy_(0, slot, value)
-        if offsets_fresh:
-            # The new entry's offsets from the values as stored (their dtype), written like the entry.
-            _, mean_off, sq_off = self._offsets
-            new = self._entry_offsets(*(stored[name] for name in _CONV_SHAPED_BUFFERS), dtype)
-            for table, value in zip((mean_off, sq_off), new):
-                value = value.unsqueeze(0)
-                if valid is not None:
-                    value = torch.where(valid, value, table.index_select(0, slot))
-                table.index_copy_(0, slot, value)
-            self._offsets = (self._offsets_stamp(dtype), mean_off, sq_off)
-        else:
-            self._offsets = None       # recomputed from the buffers at the next compensation
         if valid is None:
             self.window_filled.index_fill_(0, slot, True)
-            self.window_head.copy_((self.window_head + 1) % self.buffer_num)
+            self.window_head.add_(1).remainder_(self.buffer_num)
         else:
             self.window_filled.index_copy_(0, slot, self.window_filled.index_select(0, slot) | valid.view(1))
-            self.window_head.copy_((self.window_head + valid.long()) % self.buffer_num)
+            self.window_head.add_(valid).remainder_(self.buffer_num)
+
+    def _conv_buffer_shapes(self, weight_shape, groups, patch_len):
+        # Flat (entry, channel, K) layouts: 3-D, so .to(memory_format=channels_last) leaves them alone.
+        k = math.prod(weight_shape[1:])
+        return {'window_weight': (self.buffer_num, weight_shape[0], k),
+                'window_mean_grad': (self.buffer_num, groups, patch_len),
+                'window_sq_grad': (self.buffer_num, weight_shape[0], k)}
 
     def _materialise(self, weight_shape, groups, patch_len):
-        shapes = {'window_weight': (self.buffer_num, *weight_shape),
-                  'window_mean_grad': (self.buffer_num, groups, patch_len),
-                  'window_sq_grad': (self.buffer_num, *weight_shape)}
-        for name, shape in shapes.items():
+        """Give the conv-shaped buffers their final shapes (in place: DDP and copies keep their handles)."""
+        for name, shape in self._conv_buffer_shapes(weight_shape, groups, patch_len).items():
             buf = self._buffers[name]
             if buf.numel() == 0:
-                buf.resize_(shape).zero_()   # in place: DDP and optimisers keep their handles
+                buf.resize_(shape).zero_()
             elif tuple(buf.shape) != shape:
                 raise RuntimeError(f'{self._display_name()}: {name} has shape {tuple(buf.shape)} but the '
                                    f'conv needs {shape}; was a checkpoint of another model loaded?')

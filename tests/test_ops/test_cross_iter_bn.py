@@ -308,7 +308,8 @@ def test_standalone_layer_without_conv_raises():
     (dict(rho=float('inf')), 'rho must be finite'),
     (dict(momentum=1.5), r'momentum must be in \[0, 1\], got 1.5'),
     (dict(momentum=-0.1), r'momentum must be in \[0, 1\]'),
-    (dict(eps=-1.0), 'eps must be >= 0'),
+    (dict(eps=-1.0), 'eps must be > 0, got -1.0'),
+    (dict(eps=0.0), 'eps must be > 0, got 0.0'),
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
