@@ -124,7 +124,7 @@ class WeightStandardizedConv2d(nn.Conv2d):
     The standardisation runs inside ``_conv_forward(input, weight, bias)`` on the weight it is given,
     and only on the conv's own ``weight``: mmcv's ``efficient_conv_bn_eval`` hands it ``weight * s``
     (a norm folded into the *raw* weight), which re-standardising would silently undo, so that call
-    raises (``cbn_mmdet.deploy.install_mmcv_fold_guard`` makes mmcv run such pairs exactly instead).
+    raises (``cbn_mmdet.deploy.fuse_norm.install_mmcv_fold_guard`` makes mmcv run such pairs exactly instead).
 
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
@@ -172,7 +172,7 @@ class WeightStandardizedConv2d(nn.Conv2d):
             raise RuntimeError(
                 f'{type(self).__name__}: asked to convolve with a weight other than its own (mmcv '
                 'efficient_conv_bn_eval folds the norm into the raw weight, which WS re-standardises): '
-                'turn efficient_conv_bn_eval off here or call cbn_mmdet.deploy.install_mmcv_fold_guard()')
+                'turn efficient_conv_bn_eval off here or call cbn_mmdet.deploy.fuse_norm.install_mmcv_fold_guard()')
         # nn.Conv2d's F.conv2d call (keeps padding_mode support) on the standardized weight.
         return super()._conv_forward(input, self.cbn_effective_weight(), bias)
 
