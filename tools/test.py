@@ -30,6 +30,8 @@ def parse_args(argv=None):
                         'work_dir/timestamp/)')
     parser.add_argument('--wait-time', type=float, default=2, help='the interval of show (s)')
     parser.add_argument('--tta', action='store_true', help='test-time augmentation')
+    parser.add_argument('--allow-partial-load', action='store_true',
+                        help='test even if the checkpoint\'s keys/shapes do not match the model (partly random)')
     return parse_mmdet_tool_args(parser, argv)
 
 
@@ -39,7 +41,8 @@ def main(argv=None):
         cfg = prepare_test_config(args.config, args.checkpoint, work_dir=args.work_dir,
                                   cfg_options=args.cfg_options, launcher=args.launcher, eval_metrics=args.eval,
                                   out=args.out, show=args.show, show_dir=args.show_dir,
-                                  wait_time=args.wait_time, tta=args.tta)
+                                  wait_time=args.wait_time, tta=args.tta, allow_partial_load=args.allow_partial_load,
+                                  log=lambda m: print(f'[cbn_mmdet] {m}', flush=True))
     except ConfigError as err:
         raise config_error_exit('tools/test.py', err) from None
     metrics = test(cfg, out=args.out)

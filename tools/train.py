@@ -27,6 +27,10 @@ def parse_args(argv=None):
     parser.add_argument('--resume', nargs='?', type=str, const='auto',
                         help='resume from the given checkpoint, or (no value) from the latest checkpoint '
                         'in the work directory')
+    parser.add_argument('--allow-partial-load', action='store_true',
+                        help='let --resume load a checkpoint whose keys/shapes do not match the model')
+    parser.add_argument('--allow-nonfinite-loss', action='store_true',
+                        help='do not add NonFiniteLossHook (which stops the run at a NaN/Inf loss)')
     return parse_mmdet_tool_args(parser, argv)
 
 
@@ -35,10 +39,12 @@ def main(argv=None):
     try:
         cfg = prepare_train_config(args.config, work_dir=args.work_dir, cfg_options=args.cfg_options,
                                    launcher=args.launcher, amp=args.amp, auto_scale_lr=args.auto_scale_lr,
-                                   resume=args.resume, log=lambda m: print(f'[cbn_mmdet] {m}', flush=True))
-    except ConfigError as err:
+                                   resume=args.resume, log=lambda m: print(f'[cbn_mmdet] {m}', flush=True),
+                                   allow_partial_load=args.allow_partial_load,
+                                   nonfinite_check=not args.allow_nonfinite_loss)
+        return train(cfg)
+    except ConfigError as err:      # includes a work_dir held by a live run (refused before training)
         raise config_error_exit('tools/train.py', err) from None
-    return train(cfg)
 
 
 if __name__ == '__main__':

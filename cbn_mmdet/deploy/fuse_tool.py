@@ -3,6 +3,7 @@
 The library function is :func:`cbn_mmdet.deploy.fuse_detector.fuse_detector`.
 """
 import argparse
+import os.path as osp
 
 import torch
 
@@ -18,12 +19,22 @@ def parse_args(argv=None):
     parser.add_argument('--out', help='save the fused model (torch.save of the whole module)')
     parser.add_argument('--shape', type=int, nargs=2, default=(320, 320), help='verification input H W')
     parser.add_argument('--atol', type=float, default=1e-3, help='max abs difference allowed')
+    parser.add_argument('--allow-partial-load', action='store_true',
+                        help='fuse even if the checkpoint\'s keys/shapes do not match the config\'s model')
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    fused, report, diff = fuse_detector(args.config, args.checkpoint, tuple(args.shape))
+    from cbn_mmdet.engine.config_checks import ConfigError
+    if not osp.isfile(args.config):
+        raise SystemExit(f'fuse_norm: config file {args.config!r} does not exist')
+    try:
+        fused, report, diff = fuse_detector(args.config, args.checkpoint, tuple(args.shape),
+                                            allow_partial_load=args.allow_partial_load,
+                                            log=lambda m: print(f'fuse_norm: {m}', flush=True))
+    except ConfigError as err:
+        raise SystemExit(f'fuse_norm: {err}') from None
     print(f'fused {len(report["fused"])} norm layers; kept {len(report["kept"])}')
     for name, reason in report['kept'].items():
         print(f'  kept {name}: {reason}')

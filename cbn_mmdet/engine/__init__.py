@@ -9,6 +9,6 @@
 
 Only the hooks are imported here (the registry needs them); import the other modules directly.
 """
-from .hooks import CBNBurnInHook, NormHealthHook, RNGStateHook
+from .hooks import CBNBurnInHook, NonFiniteLossHook, NormHealthHook, RNGStateHook
 
-__all__ = ['CBNBurnInHook', 'NormHealthHook', 'RNGStateHook']
+__all__ = ['CBNBurnInHook', 'NonFiniteLossHook', 'NormHealthHook', 'RNGStateHook']

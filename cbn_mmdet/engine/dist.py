@@ -12,9 +12,26 @@ import subprocess
 import torch
 import torch.distributed as dist
 
-__all__ = ['launcher_world_size', 'cpu_distributed', 'setup_cpu_distributed']
+__all__ = ['launcher_world_size', 'cpu_distributed', 'setup_cpu_distributed', 'check_launcher_env']
 
 _DEFAULT_PORT = '29500'
+
+
+# What each launcher must have put in the environment (mmengine reads these, with a KeyError otherwise).
+_LAUNCHER_ENV = {'pytorch': ('RANK', 'WORLD_SIZE'),
+                 'slurm': ('SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_NODELIST'),
+                 'mpi': ('OMPI_COMM_WORLD_RANK', 'OMPI_COMM_WORLD_SIZE')}
+_HOW = {'pytorch': 'tools/dist_train.sh CFG N (torchrun)', 'slurm': 'tools/slurm_train.sh (srun)',
+        'mpi': 'mpirun'}
+
+
+def check_launcher_env(launcher):
+    """Raise :class:`ConfigError` when ``--launcher`` names a launcher that did not start this process."""
+    from .config_checks import ConfigError
+    missing = [key for key in _LAUNCHER_ENV.get(launcher, ()) if not os.environ.get(key)]
+    if missing:
+        raise ConfigError(f'--launcher {launcher}: this process was not started by that launcher ({", ".join(missing)} '
+                          f'not set); run it through {_HOW[launcher]}, or use --launcher none')
 
 
 def launcher_world_size(launcher):

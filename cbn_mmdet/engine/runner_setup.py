@@ -1,9 +1,12 @@
 """Steps shared by training and testing: registration, config loading, synthetic data, the Runner."""
+import copy
 import os.path as osp
 
 from .config_checks import ConfigError
+from .config_checks.options import check_cfg_options
 
-__all__ = ['register_modules', 'load_config', 'default_work_dir', 'ensure_config_data', 'build_runner']
+__all__ = ['register_modules', 'load_config', 'read_config_file', 'default_work_dir', 'ensure_config_data',
+           'build_runner']
 
 
 def register_modules():
@@ -15,19 +18,41 @@ def register_modules():
 
 
 def load_config(config, cfg_options=None, launcher='none', work_dir=None):
-    """``Config.fromfile`` + ``--cfg-options`` + launcher + work_dir (CLI > config > ./work_dirs/<name>)."""
-    from mmengine.config import Config
+    """``Config.fromfile`` + ``--cfg-options`` + launcher + work_dir (CLI > config > ./work_dirs/<name>).
+
+    Raises :class:`ConfigError` for a file that does not load and for option keys nothing would read
+    (:func:`cbn_mmdet.engine.config_checks.options.check_cfg_options`).
+    """
     if not osp.isfile(config):
         raise ConfigError(f'config file {config!r} does not exist')
-    cfg = Config.fromfile(config)
+    cfg = read_config_file(config)
     cfg.launcher = launcher
     if cfg_options:
-        cfg.merge_from_dict(cfg_options)
+        original = copy.deepcopy(cfg.to_dict())
+        try:
+            cfg.merge_from_dict(cfg_options)
+        except Exception as err:      # e.g. an index into a list that is not there, a key below a value
+            raise ConfigError(f'--cfg-options {" ".join(map(str, cfg_options))}: cannot be merged into '
+                              f'{config!r}: {type(err).__name__}: {err}') from None
+        check_cfg_options(original, cfg_options, cfg.to_dict())
     if work_dir is not None:
         cfg.work_dir = work_dir
     elif cfg.get('work_dir') is None:
         cfg.work_dir = default_work_dir(config)
     return cfg
+
+
+def read_config_file(config):
+    """``Config.fromfile``, with a :class:`ConfigError` naming the file (and line) it cannot read."""
+    from mmengine.config import Config
+    try:
+        return Config.fromfile(config)
+    except SyntaxError as err:
+        where = f'{err.filename or config}, line {err.lineno}' if err.lineno else (err.filename or config)
+        raise ConfigError(f'config file {config!r}: syntax error ({where}): {err.msg}') from None
+    except Exception as err:     # a missing _base_, a NameError in the file, a bad custom_imports...
+        message = str(err).strip().splitlines()[-1] if str(err).strip() else ''
+        raise ConfigError(f'config file {config!r} cannot be loaded: {type(err).__name__}: {message}') from None
 
 
 def default_work_dir(config):

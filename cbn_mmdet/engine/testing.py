@@ -13,8 +13,9 @@ from copy import deepcopy
 from mmengine.config import ConfigDict
 
 from .checkpoint import trusted_checkpoints
+from .checkpoint_match import check_checkpoint_matches_config
 from .config_checks import ConfigError, validate_config
-from .dist import launcher_world_size, setup_cpu_distributed
+from .dist import check_launcher_env, launcher_world_size, setup_cpu_distributed
 from .runner_setup import build_runner, load_config, register_modules
 
 __all__ = ['COCO_METRICS', 'check_eval_metrics', 'apply_eval_metrics', 'prepare_test_config', 'test']
@@ -90,7 +91,8 @@ def _apply_tta(cfg):
 
 
 def prepare_test_config(config, checkpoint, *, work_dir=None, cfg_options=None, launcher='none',
-                        eval_metrics=None, out=None, show=False, show_dir=None, wait_time=2.0, tta=False):
+                        eval_metrics=None, out=None, show=False, show_dir=None, wait_time=2.0, tta=False,
+                        allow_partial_load=False, log=None):
     """The final, validated test config (raises :class:`ConfigError`; writes nothing).
 
     Args:
@@ -100,7 +102,10 @@ def prepare_test_config(config, checkpoint, *, work_dir=None, cfg_options=None, 
         out (str, optional): a ``.pkl`` file for the predictions (checked here, written by :func:`test`).
         show, show_dir, wait_time: mmdet's visualisation options.
         tta (bool): test-time augmentation.
+        allow_partial_load (bool): accept a checkpoint that does not match the model (reported via ``log``);
+            by default missing/unexpected keys or shape mismatches raise a :class:`ConfigError`.
     """
+    check_launcher_env(launcher)
     if eval_metrics is not None:
         check_eval_metrics(eval_metrics)          # before the config is even read
     if out is not None and not out.endswith(('.pkl', '.pickle')):
@@ -112,6 +117,8 @@ def prepare_test_config(config, checkpoint, *, work_dir=None, cfg_options=None, 
     validate_config(cfg, 'test', world_size=launcher_world_size(launcher))
     if not osp.isfile(osp.expanduser(checkpoint)) and '://' not in checkpoint:
         raise ConfigError(f'checkpoint {checkpoint!r} does not exist')
+    # mmengine loads non-strictly: another model's checkpoint would give metrics of random heads.
+    check_checkpoint_matches_config(cfg, checkpoint, allow_partial=allow_partial_load, log=log)
     cfg.load_from = checkpoint
     if show or show_dir:
         from mmdet.engine.hooks.utils import trigger_visualization_hook

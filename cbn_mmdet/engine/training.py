@@ -6,21 +6,28 @@ Order of work (nothing is written before step 3)::
     1. import cbn_mmdet and register mmdet's modules; load the config, apply the options
        (cfg_options / work_dir / amp / auto_scale_lr / resume)
     2. generate the synthetic data a demo config asks for; validate the config (ConfigError)
-    3. CPU + multi-process launcher: init the gloo group; build the Runner; train with our own
-       checkpoints trusted for loading (torch>=2.6 weights_only)
+    3. lock the work_dir (one live run per work_dir); CPU + multi-process launcher: init the gloo group;
+       build the Runner; train with our own checkpoints trusted for loading (torch>=2.6 weights_only)
 """
+import contextlib
+import os
 import os.path as osp
 
+import torch
+
 from .checkpoint import trusted_checkpoints
+from .checkpoint_match import check_checkpoint_matches_config
 from .config_checks import ConfigError, validate_config
-from .dist import launcher_world_size, setup_cpu_distributed
+from .dist import check_launcher_env, launcher_world_size, setup_cpu_distributed
 from .runner_setup import build_runner, ensure_config_data, load_config, register_modules
+from .work_dir_lock import work_dir_lock
 
 __all__ = ['prepare_train_config', 'train']
 
 
 def prepare_train_config(config, *, work_dir=None, cfg_options=None, launcher='none', amp=False,
-                         auto_scale_lr=False, resume=None, log=None):
+                         auto_scale_lr=False, resume=None, log=None, allow_partial_load=False,
+                         nonfinite_check=True):
     """The final config for a training run, validated (raises :class:`ConfigError`); writes nothing but data.
 
     Args:
@@ -32,8 +39,14 @@ def prepare_train_config(config, *, work_dir=None, cfg_options=None, launcher='n
         auto_scale_lr (bool): enable the config's ``auto_scale_lr``.
         resume (str, optional): ``'auto'`` (latest checkpoint of the work_dir) or a checkpoint file.
         log (callable): receives one-line notes (generated data, batch changes).
+        allow_partial_load (bool): let ``--resume`` load a checkpoint that does not match the model.
+        nonfinite_check (bool): add ``NonFiniteLossHook`` (stop at a NaN/Inf loss) unless the config has one.
     """
     log = log or (lambda message: None)
+    check_launcher_env(launcher)
+    if amp and not torch.cuda.is_available():
+        raise ConfigError('--amp: mixed-precision training (mmengine AmpOptimWrapper) needs a CUDA GPU; this '
+                          'machine has none (drop --amp)')
     register_modules()
     cfg = load_config(config, cfg_options, launcher, work_dir)
 
@@ -56,20 +69,46 @@ def prepare_train_config(config, *, work_dir=None, cfg_options=None, launcher='n
     # RNG states travel with every checkpoint, so that --resume continues bit-identically.
     hooks = list(cfg.get('custom_hooks') or [])
     if not any(isinstance(h, dict) and h.get('type') == 'RNGStateHook' for h in hooks):
-        cfg.custom_hooks = hooks + [dict(type='RNGStateHook')]
+        hooks = hooks + [dict(type='RNGStateHook')]
+    # A NaN/Inf loss stops the run (naming the iteration) instead of training on to exit 0.
+    if nonfinite_check and not any(isinstance(h, dict) and h.get('type') == 'NonFiniteLossHook' for h in hooks):
+        hooks = hooks + [dict(type='NonFiniteLossHook')]
+    cfg.custom_hooks = hooks
 
     ensure_config_data(cfg, logger=log)
     validate_config(cfg, 'train', world_size=launcher_world_size(launcher), logger=log)
     if resume not in (None, 'auto'):
         if not osp.isfile(osp.expanduser(resume)):
             raise ConfigError(f'--resume {resume!r}: no such checkpoint file')
+        check_checkpoint_matches_config(cfg, resume, allow_partial=allow_partial_load, what='--resume', log=log)
+    elif resume == 'auto':
+        from mmengine.runner import find_latest_checkpoint
+        latest = find_latest_checkpoint(cfg.work_dir) if osp.isdir(cfg.work_dir) else None
+        if latest is None:
+            log(f'--resume: no checkpoint in work_dir {cfg.work_dir!r}: nothing to resume, training starts '
+                'from scratch')
+            cfg.resume = False
+        else:
+            check_checkpoint_matches_config(cfg, latest, allow_partial=allow_partial_load, what='--resume',
+                                            log=log)
+            log(f'--resume: resuming from {latest}')
     return cfg
 
 
 def train(cfg):
     """Build the Runner for a prepared config and train; returns the runner."""
-    setup_cpu_distributed(cfg, cfg.get('launcher', 'none'))
-    runner = build_runner(cfg)
-    with trusted_checkpoints(paths=[cfg.get('load_from')], dirs=[cfg.work_dir]):
-        runner.train()
+    # One run per work_dir (rank 0 holds the lock; a refused rank 0 makes torchrun stop the others).
+    lock = work_dir_lock(cfg.work_dir) if _rank() == 0 else contextlib.nullcontext()
+    with lock:
+        setup_cpu_distributed(cfg, cfg.get('launcher', 'none'))
+        runner = build_runner(cfg)
+        with trusted_checkpoints(paths=[cfg.get('load_from')], dirs=[cfg.work_dir]):
+            runner.train()
     return runner
+
+
+def _rank():
+    for key in ('RANK', 'SLURM_PROCID', 'OMPI_COMM_WORLD_RANK'):
+        if os.environ.get(key, '').isdigit():
+            return int(os.environ[key])
+    return 0

@@ -17,7 +17,7 @@ The name lists other code needs (which types are CBN, which synchronise over pro
 import torch.nn as nn
 from mmengine.registry import HOOKS, MODELS
 
-from ..engine.hooks import CBNBurnInHook, NormHealthHook, RNGStateHook
+from ..engine.hooks import CBNBurnInHook, NonFiniteLossHook, NormHealthHook, RNGStateHook
 from ..ops import (
     BatchChannelNorm2d,
     CenteredConv2d,
@@ -45,6 +45,7 @@ CONV_LAYERS = {
 }
 HOOK_TYPES = {
     'CBNBurnInHook': CBNBurnInHook,
+    'NonFiniteLossHook': NonFiniteLossHook,
     'NormHealthHook': NormHealthHook,
     'RNGStateHook': RNGStateHook,
 }

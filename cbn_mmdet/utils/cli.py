@@ -25,9 +25,21 @@ def set_local_rank_env(local_rank):
 
 
 def add_cfg_options_arg(parser):
-    """mmdet's ``--cfg-options key=value ...`` (parsed into a dict by mmengine's ``DictAction``)."""
+    """mmdet's ``--cfg-options key=value ...`` (parsed into a dict by mmengine's ``DictAction``).
+
+    An item without ``=`` or with an empty key is a usage error naming it (mmengine's action raises a
+    bare ``ValueError`` traceback).
+    """
     from mmengine.config import DictAction
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+
+    class CheckedDictAction(DictAction):
+        def __call__(self, parser, namespace, values, option_string=None):
+            for item in values or ():
+                if '=' not in item or not item.split('=', 1)[0].strip():
+                    parser.error(f'{option_string} {item!r}: expected key=value (e.g. train_cfg.max_epochs=1)')
+            super().__call__(parser, namespace, values, option_string)
+
+    parser.add_argument('--cfg-options', nargs='+', action=CheckedDictAction,
                         help='override config settings, key=value pairs (xxx=yyy) merged into the config')
 
 

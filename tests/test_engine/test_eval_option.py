@@ -5,10 +5,17 @@ from cbn_mmdet.engine.config_checks import ConfigError
 from cbn_mmdet.engine.testing import apply_eval_metrics, prepare_test_config
 
 
-@pytest.fixture
-def checkpoint(tmp_path):
-    path = tmp_path / 'model.pth'
-    path.write_bytes(b'')      # only its existence is checked before building
+@pytest.fixture(scope='module')
+def checkpoint(tiny_cbn_config, tmp_path_factory):
+    """A checkpoint of the tiny config's own model (it is checked against the model before testing)."""
+    import torch
+    from mmdet.registry import MODELS
+    from mmengine.config import Config
+
+    from cbn_mmdet.engine.runner_setup import register_modules
+    register_modules()
+    path = tmp_path_factory.mktemp('ckpt') / 'model.pth'
+    torch.save(dict(state_dict=MODELS.build(Config.fromfile(tiny_cbn_config).model).state_dict()), path)
     return str(path)
 
 

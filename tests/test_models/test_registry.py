@@ -94,10 +94,10 @@ def test_custom_imports_registers(tmp_path):
 def test_hooks_are_registered_from_the_one_table():
     from mmengine.registry import HOOKS
 
-    from cbn_mmdet.engine import CBNBurnInHook, NormHealthHook, RNGStateHook
+    from cbn_mmdet.engine import CBNBurnInHook, NonFiniteLossHook, NormHealthHook, RNGStateHook
     from cbn_mmdet.models import HOOK_TYPES
-    assert HOOK_TYPES == {'CBNBurnInHook': CBNBurnInHook, 'NormHealthHook': NormHealthHook,
-                          'RNGStateHook': RNGStateHook}
+    assert HOOK_TYPES == {'CBNBurnInHook': CBNBurnInHook, 'NonFiniteLossHook': NonFiniteLossHook,
+                          'NormHealthHook': NormHealthHook, 'RNGStateHook': RNGStateHook}
     for name, cls in HOOK_TYPES.items():
         assert HOOKS.get(name) is cls
 

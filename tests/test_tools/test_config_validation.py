@@ -77,6 +77,7 @@ def test_process_count_must_divide_the_global_batch(tiny_cbn_config, tmp_path, m
 
 def test_global_batch_sets_the_per_process_batch(tiny_cbn_config, tmp_path, monkeypatch):
     monkeypatch.setenv('WORLD_SIZE', '4')
+    monkeypatch.setenv('RANK', '0')               # what torchrun sets
     args = train_tool.parse_args([tiny_cbn_config, '--work-dir', str(tmp_path / 'wd'), '--launcher',
                                   'pytorch', '--cfg-options', 'global_batch_size=16'])
     options = dict(work_dir=args.work_dir, launcher=args.launcher, cfg_options=args.cfg_options, log=lambda m: None)
