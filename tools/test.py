@@ -12,6 +12,7 @@ import sys
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))   # run from a checkout, uninstalled
 
 from cbn_mmdet.engine.config_checks import ConfigError  # noqa: E402
+from cbn_mmdet.engine.data_errors import DataError  # noqa: E402
 from cbn_mmdet.engine.testing import COCO_METRICS, prepare_test_config, test  # noqa: E402
 from cbn_mmdet.utils.cli import config_error_exit, parse_mmdet_tool_args  # noqa: E402
 
@@ -45,7 +46,10 @@ def main(argv=None):
                                   log=lambda m: print(f'[cbn_mmdet] {m}', flush=True))
     except ConfigError as err:
         raise config_error_exit('tools/test.py', err) from None
-    metrics = test(cfg, out=args.out)
+    try:
+        metrics = test(cfg, out=args.out)
+    except DataError as err:        # a corrupt image met by the dataloader
+        raise SystemExit(f'tools/test.py: data error: {err}') from None
     from mmengine.dist import is_main_process
     if is_main_process():
         print('[cbn_mmdet] test metrics: ' + json.dumps({k: v for k, v in (metrics or {}).items()

@@ -4,6 +4,11 @@
 set -euo pipefail
 SCRIPT=$1
 GPUS=$2
+# A process count torchrun would misread (0, -1, 'four') is refused here, naming the value.
+if ! [[ "$GPUS" =~ ^[1-9][0-9]*$ ]]; then
+  echo "tools/dist_${SCRIPT%.py}.sh: NUM_PROCS must be a positive integer (processes per node), got '$GPUS'" >&2
+  exit 2
+fi
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 PORT=${PORT:-29500}

@@ -13,6 +13,7 @@ import sys
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))   # run from a checkout, uninstalled
 
 from cbn_mmdet.engine.config_checks import ConfigError  # noqa: E402
+from cbn_mmdet.engine.data_errors import DataError  # noqa: E402
 from cbn_mmdet.engine.training import prepare_train_config, train  # noqa: E402
 from cbn_mmdet.utils.cli import config_error_exit, parse_mmdet_tool_args  # noqa: E402
 
@@ -45,6 +46,8 @@ def main(argv=None):
         return train(cfg)
     except ConfigError as err:      # includes a work_dir held by a live run (refused before training)
         raise config_error_exit('tools/train.py', err) from None
+    except DataError as err:        # a corrupt image met by the dataloader
+        raise SystemExit(f'tools/train.py: data error: {err}') from None
 
 
 if __name__ == '__main__':

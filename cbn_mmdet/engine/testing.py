@@ -15,6 +15,7 @@ from mmengine.config import ConfigDict
 from .checkpoint import trusted_checkpoints
 from .checkpoint_match import check_checkpoint_matches_config
 from .config_checks import ConfigError, validate_config
+from .data_errors import data_errors_named
 from .dist import check_launcher_env, launcher_world_size, setup_cpu_distributed
 from .runner_setup import build_runner, load_config, register_modules
 
@@ -136,6 +137,6 @@ def test(cfg, out=None):
     if out is not None:
         from mmdet.evaluation import DumpDetResults
         runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=out))
-    with trusted_checkpoints(paths=[cfg.load_from], dirs=[cfg.work_dir]):
+    with trusted_checkpoints(paths=[cfg.load_from], dirs=[cfg.work_dir]), data_errors_named():
         metrics = runner.test()
     return metrics

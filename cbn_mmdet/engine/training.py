@@ -18,6 +18,7 @@ import torch
 from .checkpoint import trusted_checkpoints
 from .checkpoint_match import check_checkpoint_matches_config
 from .config_checks import ConfigError, validate_config
+from .data_errors import data_errors_named
 from .dist import check_launcher_env, launcher_world_size, setup_cpu_distributed
 from .runner_setup import build_runner, ensure_config_data, load_config, register_modules
 from .work_dir_lock import work_dir_lock
@@ -102,7 +103,7 @@ def train(cfg):
     with lock:
         setup_cpu_distributed(cfg, cfg.get('launcher', 'none'))
         runner = build_runner(cfg)
-        with trusted_checkpoints(paths=[cfg.get('load_from')], dirs=[cfg.work_dir]):
+        with trusted_checkpoints(paths=[cfg.get('load_from')], dirs=[cfg.work_dir]), data_errors_named():
             runner.train()
     return runner
 

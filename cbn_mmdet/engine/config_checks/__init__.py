@@ -6,10 +6,13 @@ instead of the errors mmengine/mmcv would give much later, or never (a silently 
 * ``paths``  — dataset files and folders;
 * ``layers`` — registered norm/conv types;
 * ``norms``  — norm arguments, conv->norm order, burn-in vs schedule, ``sync_bn`` conversion, SyncBN launch;
+* ``annotations`` — annotation files that do not parse as COCO JSON;
+* ``options`` — ``--cfg-options`` keys nothing would read (called by the config loader);
 * ``batch``  — the global batch over the process count.
 
 ``docs/reliability.md`` lists every check with its message.
 """
+from .annotations import check_annotation_files
 from .batch import check_global_batch
 from .errors import ConfigError
 from .layers import check_layer_types, mmdet_models_registry, registered_conv_types, registered_norm_types
@@ -23,7 +26,7 @@ from .norms import (
 )
 from .paths import check_dataset_paths
 
-__all__ = ['ConfigError', 'check_dataset_paths', 'check_layer_types', 'check_global_batch',
+__all__ = ['ConfigError', 'check_dataset_paths', 'check_annotation_files', 'check_layer_types', 'check_global_batch',
            'registered_norm_types', 'registered_conv_types', 'mmdet_models_registry', 'check_norm_arguments',
            'check_norm_order', 'check_sync_bn_conversion', 'check_burnin_hooks', 'check_sync_layers_launch',
            'validate_norm_config', 'validate_config']
@@ -43,5 +46,6 @@ def validate_config(cfg, mode, world_size=1, logger=None):
     # norm arguments, conv->norm order, burn-in vs schedule, sync_bn conversion, SyncBN launch
     validate_norm_config(cfg, mode, launcher=cfg.get('launcher', 'none'))
     check_dataset_paths(cfg, splits)
+    check_annotation_files(cfg, splits)
     if mode == 'train':
         check_global_batch(cfg, world_size, logger=logger)

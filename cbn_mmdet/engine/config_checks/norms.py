@@ -77,7 +77,10 @@ def check_norm_arguments(cfg):
         try:
             if norm_cfg['type'] == 'GN':
                 kwargs.setdefault('num_groups', 32)
-                if channels % kwargs['num_groups']:
+                groups = kwargs['num_groups']
+                if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+                    raise ValueError(f'num_groups must be a positive int, got {groups!r}')
+                if channels % groups:
                     raise ValueError(f"num_groups={kwargs['num_groups']!r} must divide the "
                                      f'{channels} channels')
                 continue

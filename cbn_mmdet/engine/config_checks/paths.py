@@ -4,7 +4,7 @@ import os.path as osp
 
 from .errors import ConfigError
 
-__all__ = ['check_dataset_paths']
+__all__ = ['check_dataset_paths', 'dataset_annotation_files']
 
 _WRAPPER_KEYS = ('dataset', 'datasets')
 
@@ -79,3 +79,17 @@ def check_dataset_paths(cfg, splits):
         raise ConfigError('dataset path(s) in the config do not exist:\n' + '\n'.join(lines) +
                           '\nFix data_root/ann_file/data_prefix (e.g. --cfg-options '
                           f"{missing[0][0]}=...) or put the dataset there.")
+
+
+def dataset_annotation_files(cfg, splits):
+    """``(field, value, path)`` of every existing local annotation file the ``splits`` read."""
+    for split in splits:
+        loader = cfg.get(f'{split}_dataloader')
+        entries = []
+        if isinstance(loader, dict):
+            entries += list(_dataset_paths(loader.get('dataset'), f'{split}_dataloader.dataset'))
+        if split != 'train':
+            entries += list(_evaluator_paths(cfg.get(f'{split}_evaluator'), f'{split}_evaluator'))
+        for field, value, path in entries:
+            if field.endswith('.ann_file') and osp.isfile(path):
+                yield field, value, path
