@@ -48,6 +48,8 @@ def main(argv=None):
         raise config_error_exit('tools/train.py', err) from None
     except DataError as err:        # a corrupt image met by the dataloader
         raise SystemExit(f'tools/train.py: data error: {err}') from None
+    except FloatingPointError as err:   # NonFiniteLossHook / NormHealthHook stopped the run
+        raise SystemExit(f'tools/train.py: stopped: {err}') from None
 
 
 if __name__ == '__main__':
