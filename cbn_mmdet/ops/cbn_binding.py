@@ -9,8 +9,13 @@ etc., often *before* the conv exists, so a CBN cannot learn its conv at construc
   finders* (a ``nn.Sequential`` whose previous child is a conv is built in here; ``cbn_mmdet.models``
   adds mmcv's ``ConvModule`` and mmdet's ``normK_name``/``convK`` block convention);
 * so that ``norm_cfg=dict(type='CBN')`` works with no code change, every CBN that needs a conv is queued
-  at construction and a global forward pre-hook binds the queue the first time a module containing it
-  runs (typically the detector's first forward); the hook removes itself once the queue is empty.
+  at construction and bound as soon as the structure identifies its conv: a global *module
+  registration* hook retries the finders whenever the CBN is registered into a parent, or a module is
+  registered into a parent holding a queued CBN. The layer's window buffers then get their final
+  shapes while the model is being built, before any copy of it is taken (EMA, ``deepcopy``).
+* as a fallback, a global forward pre-hook binds what is still queued the first time a module
+  containing it runs (typically the detector's first forward), and gives every layer its qualified
+  name for messages; the hooks remove themselves once nothing is left to do.
 
 A layer whose conv cannot be identified records why; it raises that error, naming itself, at its first
 training forward — it never silently falls back to plain BN.
@@ -18,7 +23,7 @@ training forward — it never silently falls back to plain BN.
 import weakref
 
 import torch.nn as nn
-from torch.nn.modules.module import register_module_forward_pre_hook
+from torch.nn.modules.module import register_module_forward_pre_hook, register_module_module_registration_hook
 
 __all__ = ['CBNBindError', 'register_conv_finder', 'find_producing_conv', 'bind_cbn_to_conv',
            'bind_cbn_convs']
@@ -31,7 +36,9 @@ class CBNBindError(RuntimeError):
 _CONV_FINDERS = []
 _pending = weakref.WeakSet()     # CBN layers that need a conv and have none yet
 _scanned = weakref.WeakSet()     # roots already searched (each is searched once)
+_unnamed = weakref.WeakSet()     # bound at registration: named at the first forward of their model
 _hook_handle = None
+_registration_handle = None
 
 
 def register_conv_finder(finder):
@@ -68,11 +75,20 @@ def find_producing_conv(parent, child_name, norm):
         f'cbn_mmdet.ops.bind_cbn_to_conv(norm, conv) or pass the conv weight to forward(x, weight)')
 
 
-def bind_cbn_to_conv(norm, conv, name=None):
+def bind_cbn_to_conv(norm, conv, name=None, conv_name=None):
     """Bind a CBN layer to the conv that produces its input (checks shapes, hooks the conv input)."""
-    norm.bind_conv(conv, name=name)
+    norm.bind_conv(conv, name=name, conv_name=conv_name)
     _pending.discard(norm)
+    if name is not None:
+        _unnamed.discard(norm)
     return norm
+
+
+def _conv_name(parent_name, parent, conv):
+    for name, child in parent.named_children():
+        if child is conv:
+            return f'{parent_name}.{name}' if parent_name else name
+    return type(conv).__name__
 
 
 def bind_cbn_convs(root, strict=True):
@@ -89,7 +105,7 @@ def bind_cbn_convs(root, strict=True):
             qualified = f'{parent_name}.{child_name}' if parent_name else child_name
             try:
                 conv = find_producing_conv(parent, child_name, child)
-                bind_cbn_to_conv(child, conv, name=qualified)
+                bind_cbn_to_conv(child, conv, name=qualified, conv_name=_conv_name(parent_name, parent, conv))
                 bound[qualified] = conv
             except CBNBindError as err:
                 message = f"CBN layer '{qualified}' cannot identify its conv: {err}"
@@ -105,22 +121,58 @@ def _needs_conv(module):
 
 
 def queue_for_binding(norm):
-    """Called by every CBN that needs a conv: bind it lazily at the first forward of its model."""
-    global _hook_handle
+    """Called by every CBN that needs a conv: bind it as soon as its parent identifies the conv."""
+    global _hook_handle, _registration_handle
     _pending.add(norm)
     if _hook_handle is None:
         _hook_handle = register_module_forward_pre_hook(_bind_pending_pre_hook)
+    if _registration_handle is None:
+        _registration_handle = register_module_module_registration_hook(_bind_on_registration)
+
+
+def _try_bind(parent, child_name, norm):
+    """Bind ``norm`` if the finders already identify its conv; otherwise leave it queued, silently (the
+    parent may not hold the conv yet; the first-forward fallback reports what is still unbound)."""
+    try:
+        conv = find_producing_conv(parent, child_name, norm)
+        bind_cbn_to_conv(norm, conv, conv_name=_conv_name('', parent, conv))
+    except CBNBindError:
+        return
+    _unnamed.add(norm)
+
+
+def _bind_on_registration(parent, name, module):
+    global _registration_handle
+    if not _pending:
+        if _registration_handle is not None:
+            _registration_handle.remove()
+            _registration_handle = None
+        return None
+    if module is None or not any(child in _pending for child in (module, *parent._modules.values())):
+        return None
+    # torch runs this hook just before it stores the child; store it now (torch then stores the same
+    # module again) so that the finders see the parent as it is about to be.
+    parent._modules[name] = module
+    for child_name, child in list(parent._modules.items()):
+        if child in _pending:
+            _try_bind(parent, child_name, child)
+    return None
 
 
 def _bind_pending_pre_hook(module, args):
     global _hook_handle
-    if not _pending:
+    if not _pending and not _unnamed:
         if _hook_handle is not None:
             _hook_handle.remove()
             _hook_handle = None
         return
-    if module in _pending or module in _scanned:
+    if module in _pending or module in _scanned or module in _unnamed:
         return   # a CBN called on its own has no parent to search; its forward reports it
+    if _unnamed:
+        for qualified, child in module.named_modules():
+            if child in _unnamed and qualified:
+                child._layer_name = qualified
+                _unnamed.discard(child)
     if any(child in _pending for child in module.modules()):
         bind_cbn_convs(module, strict=False)
     _scanned.add(module)

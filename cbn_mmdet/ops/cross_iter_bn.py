@@ -144,6 +144,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self._iter_shadow = 0
         self._binding = None          # (conv, hook handle); a plain attribute, not a submodule
         self._conv_input = None       # the bound conv's latest input, consumed by the next forward
+        self._conv_output = None      # ... and its output: the next forward checks it is its input
+        self._conv_name = None
         self._bind_error = None
         self._layer_name = None
         self._last_past_kept = None   # per-entry weights of the last window step (grad_through_window)
@@ -169,10 +171,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     def record_bind_error(self, message):
         self._bind_error = message
 
-    def bind_conv(self, conv, name=None):
+    def bind_conv(self, conv, name=None, conv_name=None):
         """Bind to ``conv`` (an ``nn.Conv2d`` whose output this layer normalises)."""
         if name is not None:
             self._layer_name = name
+        self._conv_name = conv_name
         who = self._display_name()
         if not isinstance(conv, nn.Conv2d):
             raise CBNBindError(f'{who}: expected an nn.Conv2d producer, got {type(conv).__name__}')
@@ -187,17 +190,47 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             raise CBNBindError(f'{who}: {type(conv).__name__} transforms its weight; use '
                                f"conv_cfg=dict(type='WSConv') (it exposes the weight it convolves with)")
         if self._binding is not None:
-            self._binding[1].remove()
+            for handle in self._binding[1:]:
+                handle.remove()
         # Final buffer shapes now, before any copy of the model (EMA, deepcopy) is taken.
         weight_shape = conv.weight.shape
         self._materialise(weight_shape, conv.groups, math.prod(weight_shape[1:]))
-        handle = conv.register_forward_pre_hook(self._capture_conv_input)
-        self._binding = (conv, handle)
+        self._binding = (conv, conv.register_forward_pre_hook(self._capture_conv_input),
+                         conv.register_forward_hook(self._capture_conv_output))
         self._bind_error = None
+
+    def unbind(self):
+        """Detach from the bound conv (its hooks are removed); the layer needs a new binding to train."""
+        if self._binding is not None:
+            for handle in self._binding[1:]:
+                handle.remove()
+        self._binding = None
+        self._conv_input = self._conv_output = None
+
+    def __setstate__(self, state):
+        # A copy (deepcopy, pickle, torch.save) of a layer still waiting for its conv is queued again:
+        # queue membership is global state, not the layer's. A bound copy carries its binding (the
+        # copied conv and the copied hooks; see _binding).
+        super().__setstate__(state)
+        if self.buffer_num > 0 and self._binding is None:
+            queue_for_binding(self)
 
     def _capture_conv_input(self, conv, args):
         if self.training and self.buffer_num > 0 and torch.is_grad_enabled():
             self._conv_input = args[0]
+
+    def _capture_conv_output(self, conv, args, output):
+        if self.training and self.buffer_num > 0 and torch.is_grad_enabled():
+            self._conv_output = output
+
+    def _check_fed_by_conv(self, x, conv_output):
+        """The input must be the bound conv's latest output (a mis-bound layer, e.g. ``bn2`` bound to
+        ``conv1``, would otherwise compensate with the wrong weight and the wrong statistic slopes)."""
+        if conv_output is not None and conv_output is not x:
+            conv = self._conv_name or type(self.bound_conv).__name__
+            raise CBNBindError(f"{self._display_name()}: its input is not the output of its bound conv '{conv}' "
+                               f'(conv output {tuple(conv_output.shape)}, norm input {tuple(x.shape)}); the conv '
+                               'finder bound the wrong conv: bind it with bind_cbn_to_conv')
 
     def _conv_weight(self, conv):
         getter = getattr(conv, 'cbn_effective_weight', None)
@@ -290,7 +323,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     def forward(self, x, weight=None):
         self._check_input_dim(x)
         if not (self.training or not self.track_running_stats):
-            self._conv_input = None
+            self._conv_input = self._conv_output = None
             return self._eval_forward(x)
         if not self.training:   # eval without running stats: batch statistics, nothing updated
             return self._plain_forward(x, update=False)
@@ -303,6 +336,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self.iter_count.add_(1)     # every training forward, like the official counter
         self._iter_shadow += 1
         conv_input, self._conv_input = self._conv_input, None
+        conv_output, self._conv_output = self._conv_output, None
+        if weight is None:
+            self._check_fed_by_conv(x, conv_output)
         if x.shape[0] == 0 and not self._synced():
             return self._empty_output(x)   # a synced rank must still join the collectives
         if not self._use_window(x):
@@ -590,7 +626,10 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         for name, shape in self._conv_buffer_shapes(weight_shape, groups, patch_len).items():
             buf = self._buffers[name]
             if buf.numel() == 0:
-                buf.resize_(shape).zero_()
+                try:
+                    buf.resize_(shape).zero_()
+                except RuntimeError:   # storage from torch.load / a pickle is not resizable: replace it
+                    self._buffers[name] = buf.new_zeros(shape)
             elif tuple(buf.shape) != shape:
                 raise RuntimeError(f'{self._display_name()}: {name} has shape {tuple(buf.shape)} but the '
                                    f'conv needs {shape}; was a checkpoint of another model loaded?')

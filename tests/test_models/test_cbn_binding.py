@@ -19,9 +19,9 @@ def _cbn_layers(model):
 def test_resnet_blocks_stem_and_downsample_bind(depth, deep_stem):
     """BasicBlock (which the official code could not do), Bottleneck, stem, deep stem, downsample."""
     model = ResNet(depth, norm_cfg=CBN, norm_eval=False, deep_stem=deep_stem, init_cfg=None)
-    bound = bind_cbn_convs(model)
     layers = _cbn_layers(model)
-    assert set(bound) == set(layers)
+    assert all(m.is_bound for m in layers.values())       # bound while the backbone was built
+    assert bind_cbn_convs(model) == {}                     # nothing left for the explicit walk
     expected_pairs = {'layer1.0.bn1': 'layer1.0.conv1', 'layer2.0.downsample.1': 'layer2.0.downsample.0'}
     expected_pairs['stem.1' if deep_stem else 'bn1'] = 'stem.0' if deep_stem else 'conv1'
     modules = dict(model.named_modules())
@@ -33,11 +33,22 @@ def test_resnet_blocks_stem_and_downsample_bind(depth, deep_stem):
     assert all(int(m.window_filled.sum()) == 2 for m in layers.values())
 
 
-def test_binding_happens_automatically_at_first_forward():
+def test_binding_happens_at_construction_and_names_at_first_forward():
     model = ResNet(18, norm_cfg=CBN, norm_eval=False, init_cfg=None)
-    assert not any(m.is_bound for m in _cbn_layers(model).values())
+    layers = _cbn_layers(model)
+    assert all(m.is_bound and m.window_weight.numel() > 0 for m in layers.values())
     sum(o.sum() for o in model(torch.randn(2, 3, 32, 32, requires_grad=True))).backward()
-    assert all(m.is_bound for m in _cbn_layers(model).values())
+    assert all(m._layer_name == name for name, m in layers.items())
+
+
+def test_norm_fed_by_another_conv_is_detected():
+    """bn2 bound to conv1 (a wrong binding) is caught at the first training forward, naming both."""
+    model = ResNet(18, norm_cfg=CBN, norm_eval=False, init_cfg=None)
+    block = model.layer1[0]
+    bind_cbn_to_conv(block.bn2, block.conv1, name='layer1.0.bn2', conv_name='layer1.0.conv1')
+    with pytest.raises(CBNBindError, match=r"CBN layer 'layer1.0.bn2'.*not the output of its bound conv "
+                                           r"'layer1.0.conv1'"):
+        model(torch.randn(2, 3, 32, 32, requires_grad=True))
 
 
 def test_norm_before_conv_raises_naming_the_layer():

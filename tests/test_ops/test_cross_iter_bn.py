@@ -277,12 +277,23 @@ def test_deepcopy_rebinds_to_the_copied_conv():
     assert int(clone[1].window_filled.sum()) == 1 and int(parent[1].window_filled.sum()) == 0
 
 
-def test_auto_binding_at_first_forward_of_parent():
+def test_auto_binding_when_the_structure_is_built():
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), CrossIterationBatchNorm2d(4, buffer_num=2),
                           nn.ReLU())
+    assert model[1].bound_conv is model[0]                  # bound at registration: buffers final
+    assert model[1].window_weight.shape == (2, 4, 27) and model[1].window_mean_grad.shape == (2, 1, 27)
+    late = nn.Sequential(nn.Identity(), CrossIterationBatchNorm2d(4, buffer_num=2))
+    assert not late[1].is_bound                              # no conv before it yet
+    late[0] = nn.Conv2d(3, 4, 1, bias=False)                 # registering the conv binds it
+    assert late[1].bound_conv is late[0]
+
+
+def test_auto_binding_at_first_forward_of_parent():
+    model = nn.Sequential(nn.Identity(), CrossIterationBatchNorm2d(4, buffer_num=2), nn.ReLU())
+    model._modules['0'] = nn.Conv2d(3, 4, 3, padding=1, bias=False)   # bypasses registration hooks
     assert not model[1].is_bound
     model(torch.randn(2, 3, 5, 5, requires_grad=True)).sum().backward()
-    assert model[1].bound_conv is model[0]
+    assert model[1].bound_conv is model[0] and model[1]._layer_name == '1'
 
 
 def test_unbindable_layer_raises_naming_it():
