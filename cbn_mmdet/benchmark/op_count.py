@@ -12,7 +12,6 @@ op the norm issues (CBN's ∂ν/∂W weight-gradient) is counted.
 """
 from collections import Counter
 
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ['AtenOpCounter', 'count_aten_ops', 'norm_step_op_count']

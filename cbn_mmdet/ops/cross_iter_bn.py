@@ -26,12 +26,22 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._validate import (check_eps, check_finite, check_input_dim, check_non_negative_int,
-                        check_positive_int, check_unit_interval)
+from ._validate import (
+    check_eps,
+    check_finite,
+    check_input_dim,
+    check_non_negative_int,
+    check_positive_int,
+    check_unit_interval,
+)
 from .cbn_binding import CBNBindError, queue_for_binding
 from .cbn_normalise import cbn_normalise
-from .cbn_stat_grads import (conv_output_size, mean_input_patch, sampled_second_moment_weight_grad,
-                             second_moment_weight_grad)
+from .cbn_stat_grads import (
+    conv_output_size,
+    mean_input_patch,
+    sampled_second_moment_weight_grad,
+    second_moment_weight_grad,
+)
 from .distributed import get_world_size, sync_weighted_mean
 
 __all__ = ['CrossIterationBatchNorm2d', 'SyncCrossIterationBatchNorm2d']
@@ -106,7 +116,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, *,
                  buffer_num=0, rho=1.0, burnin=0, sync=False, process_group=None,
                  eps_inside_sqrt=False, unbiased_plain_var=True, stat_grad_sample=None,
-                 grad_through_window=False, device=None,
+                 grad_through_window=False, two_stage=True, frozen=False, device=None,
                  dtype=None):
         num_features = check_positive_int('num_features', num_features, _OWNER)
         eps = check_eps(eps, _OWNER)
@@ -120,6 +130,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self.eps_inside_sqrt = bool(eps_inside_sqrt)
         self.unbiased_plain_var = bool(unbiased_plain_var)
         self.grad_through_window = bool(grad_through_window)
+        self.two_stage = _check_bool('two_stage', two_stage)
+        self.frozen = _check_bool('frozen', frozen)
+        if self.frozen and not track_running_stats:
+            raise ValueError(f'{_OWNER}: frozen=True normalises with the running statistics, so it needs '
+                             f'track_running_stats=True, got track_running_stats={track_running_stats!r}')
         self.stat_grad_sample = _check_sample_fraction(stat_grad_sample)
         self._sample_step = _sample_step(self.stat_grad_sample)
         # Switched off during an epoch-based burn-in by CBNBurnInHook (re-derived from the epoch each
@@ -290,6 +305,10 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             text += f', stat_grad_sample={self.stat_grad_sample}'
         if self.grad_through_window:
             text += ', grad_through_window=True'
+        if not self.two_stage:
+            text += ', two_stage=False'
+        if self.frozen:
+            text += ', frozen=True'
         return text
 
     # ------------------------------------------------------------------ forward
@@ -313,12 +332,32 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             shift = shift + self.bias.to(shift.dtype)
         return torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1))
 
+    def _window_size_now(self):
+        """Past entries the window may hold at this training forward (host-side, from the counter).
+
+        ``two_stage`` (official default): none during the burn-in, ``buffer_num`` after it.
+        ``two_stage=False`` (official option): ``int(buffer_num · min(iter / burnin, 1))``, growing
+        linearly over the burn-in; with ``burnin = 0`` (where the official code would divide by zero) the
+        full window from the start.
+        """
+        if self.burnin == 0:
+            return self.buffer_num
+        if self.two_stage:
+            return self.buffer_num if self._iter_shadow > self.burnin else 0
+        return int(self.buffer_num * min(self._iter_shadow / self.burnin, 1.0))
+
     def _use_window(self, x):
-        if self.buffer_num == 0 or not self.window_enabled:
-            return False
-        if self.burnin > 0 and self._iter_shadow <= self.burnin:
+        if self.buffer_num == 0 or not self.window_enabled or self._window_size_now() == 0:
             return False
         return x.requires_grad and torch.is_grad_enabled()
+
+    def _keep_newest(self, size):
+        """Forget all but the ``size`` newest entries (``two_stage=False`` while the window grows)."""
+        if size >= self.buffer_num:
+            return
+        slots = torch.arange(self.buffer_num, device=self.window_head.device)
+        age = (self.window_head - 1 - slots).remainder(self.buffer_num)      # 0 = the newest entry
+        self.window_filled.logical_and_(age < size)
 
     def forward(self, x, weight=None):
         self._check_input_dim(x)
@@ -332,6 +371,13 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             raise CBNBindError(self._bind_error or
                                f'{self._display_name()} has buffer_num={self.buffer_num} but no conv: '
                                'bind it (cbn_mmdet.ops.bind_cbn_to_conv) or call forward(x, weight)')
+        if self.frozen:
+            # Official FROZEN: normalise with the running statistics and leave them (and the window)
+            # alone; the forward counter still counts, like the official one.
+            self.iter_count.add_(1)
+            self._iter_shadow += 1
+            self._conv_input = self._conv_output = None
+            return self._eval_forward(x)
         self.num_batches_tracked.add_(1)
         self.iter_count.add_(1)     # every training forward, like the official counter
         self._iter_shadow += 1
@@ -463,6 +509,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             finite = self._update_running_stats(mean_t.detach(), var_t.detach(), count)
             valid = finite & (count > 0) if isinstance(count, torch.Tensor) else finite
             self._push(weight_t, mean_t.detach(), sq_t.detach(), mean_grad, sq_grad, groups, valid=valid)
+            if not self.two_stage:
+                self._keep_newest(self._window_size_now())
             if synced:
                 # A synced empty rank normalises its empty input too, so that its backward still joins
                 # the all-reduce of the statistics' gradients.
@@ -633,6 +681,12 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             elif tuple(buf.shape) != shape:
                 raise RuntimeError(f'{self._display_name()}: {name} has shape {tuple(buf.shape)} but the '
                                    f'conv needs {shape}; was a checkpoint of another model loaded?')
+
+
+def _check_bool(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f'{_OWNER}: {name} must be a bool, got {value!r} ({type(value).__name__})')
+    return value
 
 
 def _check_sample_fraction(value):

@@ -10,13 +10,16 @@ import torch
 class OfficialCBNReference:
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, buffer_num=0, rho=1.0, burnin=0,
-                 dtype=torch.float64, grad_through_window=False):
+                 dtype=torch.float64, grad_through_window=False, two_stage=True, frozen=False):
         # grad_through_window: NOT official; the compensation uses the live weight so that autograd
         # differentiates through it (the oracle of our opt-in option of the same name).
         self.grad_through_window = grad_through_window
         self.c = num_features
         self.eps, self.momentum = eps, momentum
         self.buffer_num, self.rho, self.burnin = buffer_num, rho, burnin
+        # Official: buffer_num is the live window size, max_buffer_num the configured one; FROZEN
+        # normalises with the running statistics and does not update them.
+        self.max_buffer_num, self.two_stage, self.frozen = buffer_num, two_stage, frozen
         self.count = 0
         self.entries = []     # [(mu, nu, dmu_dw, dnu_dw, weight)], newest first
         self.running_mean = torch.zeros(num_features, dtype=dtype)
@@ -29,8 +32,16 @@ class OfficialCBNReference:
     def __call__(self, x, weight, gamma, beta):
         if self.burnin > 0:
             self.count += 1
-        use_window = (self.buffer_num > 0 and (self.burnin == 0 or self.count > self.burnin)
-                      and x.requires_grad)
+            # official _update_buffer_num (only called when burnin > 0: burnin = 0 keeps the full window)
+            if self.two_stage:
+                self.buffer_num = self.max_buffer_num if self.count > self.burnin else 0
+            else:
+                self.buffer_num = int(self.max_buffer_num * min(self.count / self.burnin, 1.0))
+        if self.frozen:
+            shape = (1, -1, 1, 1)
+            x_hat = (x - self.running_mean.view(shape)) / (self.running_var.sqrt().view(shape) + self.eps)
+            return x_hat * gamma.view(shape) + beta.view(shape)
+        use_window = self.buffer_num > 0 and x.requires_grad
         flat = self._per_channel(x)
         cur_mean = flat.mean(1)
         cur_unbiased_var = flat.var(1)          # Tensor.var: unbiased by default

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from cbn_mmdet.ops.cbn_binding import CBNBindError, bind_cbn_to_conv, bind_cbn_convs
+from cbn_mmdet.ops.cbn_binding import CBNBindError, bind_cbn_convs, bind_cbn_to_conv
 from cbn_mmdet.ops.cross_iter_bn import CrossIterationBatchNorm2d
 from tests.oracles.official_cbn import OfficialCBNReference
 
