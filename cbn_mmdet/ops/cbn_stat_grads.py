@@ -15,9 +15,9 @@ needs, for every output channel ``c`` of ``y = conv(x, W)`` (``M = N·Ho·Wo`` p
 
 Both are pure functions of tensors; no autograd graph is built or used.
 """
-from torch.nn.modules.utils import _pair
 import torch
 import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
 
 __all__ = ['conv_output_size', 'mean_input_patch', 'second_moment_weight_grad', 'sampled_second_moment_weight_grad']
 
