@@ -4,13 +4,16 @@ mmengine merges any ``key=value`` into the config: ``max_epoch=1`` (for ``train_
 unused top-level key and the run trains 12 epochs; ``model.neck.out_chanels=32`` ends in a constructor
 traceback after the work_dir exists. The rule (``docs/reliability.md``):
 
-* a key that exists in the config (dict keys, list indices) is always accepted;
+* below a top-level key that is read, a key that exists in the config (dict keys, list indices) is
+  accepted;
 * a new key inside a module config (a dict with ``type``) is accepted when the registered class takes
   that argument (or ``**kwargs``), refused otherwise; a type we cannot resolve is accepted;
 * a new key inside a dict without ``type`` is accepted (its reader is unknown: ``env_cfg``,
   ``paramwise_cfg``...);
-* a new top-level key is accepted when mmengine's Runner, mmdet's tools or cbn_mmdet read it, or when it
-  starts with ``custom_``; otherwise refused (nothing would read it).
+* a top-level key is accepted when mmengine's Runner, mmdet's tools or cbn_mmdet read it, or when it
+  starts with ``custom_``; otherwise refused: a new one would be read by nothing, and an existing one is
+  a config variable (``max_epochs``, ``data_root``...) already substituted where the config uses it, so
+  changing it changes nothing (the message names the fields holding its value).
 """
 import difflib
 import inspect
@@ -47,6 +50,24 @@ def _all_keys(node, prefix=''):
         yield from _all_keys(value, path + '.')
 
 
+def _uses_of(cfg, name, value, limit=3):
+    """Paths (in the sections something reads) that a config variable ``name`` probably feeds: those named
+    like it, then those holding its value."""
+    named, equal = [], []
+    for path in _all_keys(cfg):
+        if not _is_read(path.split('.')[0]):
+            continue
+        node = cfg
+        for part in path.split('.'):
+            node = _child(node, part)
+        same = node == value and type(node) is type(value) and not (isinstance(value, (dict, list)) and not value)
+        if path.split('.')[-1] == name:
+            named.append((not same, path))
+        elif same:
+            equal.append(path)
+    return list(dict.fromkeys([p for _, p in sorted(named)] + equal))[:limit]
+
+
 def _resolve_type(type_name):
     """The class registered as ``type_name`` in mmdet's (then mmengine's) registries, or ``None``."""
     if not isinstance(type_name, str):
@@ -73,9 +94,13 @@ def _accepts(cls, name):
     return any(p.kind is p.VAR_KEYWORD or p.name == name for p in params)
 
 
+def _is_read(top_key):
+    return top_key in TOP_LEVEL_KEYS or top_key.startswith('custom_')
+
+
 def _suggest(key, cfg):
     leaf = key.split('.')[-1]
-    paths = list(_all_keys(cfg))
+    paths = [p for p in _all_keys(cfg) if _is_read(p.split('.')[0])]    # not other config variables
     close = difflib.get_close_matches(key, paths, n=1, cutoff=0.75)
     if not close:
         by_leaf = {p.split('.')[-1]: p for p in paths}
@@ -100,13 +125,19 @@ def check_cfg_options(original, options, merged):
             if child is _MISSING:
                 break
             node, depth = child, depth + 1
+        if not _is_read(parts[0]):
+            if parts[0] in original:
+                uses = _uses_of(original, parts[0], original[parts[0]])
+                hint = f" (e.g. {', '.join(repr(u) for u in uses)})" if uses else ''
+                raise ConfigError(f'--cfg-options {key}=...: {parts[0]!r} is a config variable, already '
+                                  'substituted where the config uses it, so setting it changes nothing; set '
+                                  f'the fields that use it{hint}')
+            raise ConfigError(f'--cfg-options {key}=...: the config has no key {parts[0]!r} and nothing reads a '
+                              f'new top-level key of that name{_suggest(key, original)}')
         if depth == len(parts):
             continue                                  # an existing key
         if depth == 0:
-            if parts[0] in TOP_LEVEL_KEYS or parts[0].startswith('custom_'):
-                continue
-            raise ConfigError(f'--cfg-options {key}=...: the config has no key {parts[0]!r} and nothing reads a '
-                              f'new top-level key of that name{_suggest(key, original)}')
+            continue                                  # a new top-level key that is read
         parent_path = parts[:depth]
         parent = merged
         for part in parent_path:
