@@ -24,6 +24,7 @@ import weakref
 
 import torch.nn as nn
 from torch.nn.modules.module import register_module_forward_pre_hook, register_module_module_registration_hook
+from torch.nn.parallel import DistributedDataParallel
 
 __all__ = ['CBNBindError', 'register_conv_finder', 'find_producing_conv', 'bind_cbn_to_conv',
            'bind_cbn_convs']
@@ -141,14 +142,34 @@ def _try_bind(parent, child_name, norm):
     _unnamed.add(norm)
 
 
+# A CBN window is per rank (each rank's own statistics). torch DDP with broadcast_buffers=True would
+# overwrite it with rank 0's before every forward, so the window buffers are excluded from DDP's buffer
+# synchronisation; running statistics stay synchronised like BN's.
+PER_RANK_BUFFERS = ('window_head', 'window_filled', 'window_mean', 'window_sq', 'window_weight',
+                    'window_mean_grad', 'window_sq_grad')
+
+
+def per_rank_buffer_names(model):
+    """Qualified names of the CBN window buffers under ``model`` (what DDP must not broadcast)."""
+    return [f'{prefix}.{buf}' if prefix else buf for prefix, m in model.named_modules()
+            if getattr(m, 'needs_conv', False) for buf in PER_RANK_BUFFERS]
+
+
+def _keep_windows_per_rank(ddp, model):
+    # DDP.__init__ has read its ignore list (``parameters_to_ignore``) but has not yet collected the
+    # buffers it broadcasts when it assigns ``self.module``: extending the list here is enough.
+    names = per_rank_buffer_names(model)
+    if names:
+        ddp.parameters_to_ignore.update(names)
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            model, sorted(set(getattr(model, '_ddp_params_and_buffers_to_ignore', ())) | set(names)))
+
+
 def _bind_on_registration(parent, name, module):
-    global _registration_handle
-    if not _pending:
-        if _registration_handle is not None:
-            _registration_handle.remove()
-            _registration_handle = None
+    if isinstance(parent, DistributedDataParallel) and name == 'module' and module is not None:
+        _keep_windows_per_rank(parent, module)
         return None
-    if module is None or not any(child in _pending for child in (module, *parent._modules.values())):
+    if not _pending or module is None or not any(child in _pending for child in (module, *parent._modules.values())):
         return None
     # torch runs this hook just before it stores the child; store it now (torch then stores the same
     # module again) so that the finders see the parent as it is about to be.

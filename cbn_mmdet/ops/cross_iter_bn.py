@@ -471,6 +471,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             self._check_count(count)
             if update:
                 self._update_running_stats(mean.detach(), var.detach(), count)
+                self._join_slope_all_reduce(dtype, xs.device)
             if x.shape[0] == 0 and not self._synced():
                 return self._empty_output(x)
             if self.unbiased_plain_var:
@@ -483,6 +484,16 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 out = cbn_normalise(xs, *self._affine_params(dtype), mean, var, count, var_factor=factor,
                                     eps=self.eps, eps_inside_sqrt=self.eps_inside_sqrt)
         return out.to(x.dtype)
+
+    def _join_slope_all_reduce(self, dtype, device):
+        """A synced rank on the plain path joins the window path's all-reduce of ∂μ/∂W, ∂ν/∂W with
+        zeros of weight 0: the collectives of a forward never depend on rank-local state (burn-in
+        counter, ``requires_grad``, an empty batch), so ranks on different paths cannot deadlock."""
+        if not (self._synced() and self.buffer_num > 0 and self.window_weight.numel() > 0):
+            return
+        zeros = (torch.zeros(self.window_mean_grad.shape[1:], dtype=dtype, device=device),
+                 torch.zeros(self.window_sq_grad.shape[1:], dtype=dtype, device=device))
+        sync_weighted_mean(zeros, 0, group=self.process_group)
 
     def _window_forward(self, x, weight, conv_input):
         dtype = torch.promote_types(x.dtype, torch.float32)

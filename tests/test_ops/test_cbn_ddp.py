@@ -45,6 +45,7 @@ def _train_and_save(rank, out_dir, broadcast_buffers):
 
 
 def _run(tmp_path, broadcast_buffers):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     spawn(_worker, args=(str(tmp_path / 'store'), str(tmp_path), broadcast_buffers), nprocs=WORLD)
     return [torch.load(tmp_path / f'rank{r}.pt') for r in range(WORLD)], \
         [torch.load(tmp_path / f'rank{r}_after.pt') for r in range(WORLD)]
@@ -63,13 +64,16 @@ def test_per_process_windows(tmp_path):
     assert torch.equal(after[0]['1.window_weight'], after[1]['1.window_weight'])
 
 
-def test_broadcast_buffers_reaches_lazily_materialised_window(tmp_path):
-    """DDP caches its buffer handles at wrap time; the window materialises later, in place."""
-    states, _ = _run(tmp_path, broadcast_buffers=True)
-    a, b = states
-    # with broadcast_buffers each forward starts from rank 0's buffers: the past entries agree, only
-    # the slot written by the last forward holds each rank's own statistics
-    last = (int(a['1.window_head']) - 1) % 2
-    other = 1 - last
-    assert torch.equal(a['1.window_mean'][other], b['1.window_mean'][other])
-    assert not torch.equal(a['1.window_mean'][last], b['1.window_mean'][last])
+def test_broadcast_buffers_keeps_every_rank_its_own_window(tmp_path):
+    """torch DDP with broadcast_buffers=True overwrites buffers with rank 0's before each forward; the
+    CBN window must stay each rank's own: the same window as without buffer broadcasting."""
+    per_rank, _ = _run(tmp_path / 'local', broadcast_buffers=False)
+    broadcast, _ = _run(tmp_path / 'bcast', broadcast_buffers=True)
+    for rank in range(WORLD):
+        for key in ('1.window_mean', '1.window_sq', '1.window_sq_grad', '1.window_mean_grad', '1.window_weight',
+                    '1.window_head', '1.window_filled'):
+            assert torch.equal(per_rank[rank][key], broadcast[rank][key]), (rank, key)
+    a, b = broadcast
+    assert not torch.equal(a['1.window_mean'][0], b['1.window_mean'][0])
+    assert not torch.equal(a['1.window_mean'][1], b['1.window_mean'][1])
+    assert int(a['1.window_filled'].sum()) == 2

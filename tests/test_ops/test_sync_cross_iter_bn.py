@@ -77,3 +77,38 @@ def test_two_ranks_equal_single_process_on_concatenated_batch(tmp_path):
         for r in ranks:
             for key in ('w_grad', 'running_mean', 'running_var', 'window_mean', 'window_sq'):
                 torch.testing.assert_close(r[it][key], exp[key], **tol, msg=f'{key}, iter {it}')
+
+
+def _collective_worker(rank, store, out_dir):
+    """Ranks in different rank-local states (burn-in counter, empty batch) issue the same collectives."""
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f'file://{store}', rank=rank, world_size=WORLD)
+    calls = []
+    real = dist.all_reduce
+
+    def counting_all_reduce(tensor, *args, **kwargs):
+        calls.append(tensor.numel())
+        return real(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting_all_reduce
+    try:
+        conv, cbn = _model(sync=True)
+        cbn.set_iteration(0 if rank == 0 else 5)       # rank 0 in its burn-in, rank 1 past it
+        per_step = []
+        for step in range(3):
+            n = 0 if (rank == 1 and step == 1) else 2  # an empty batch on one rank
+            x = torch.randn(n, 3, 6, 6, dtype=DT, requires_grad=True)
+            before = len(calls)
+            cbn(conv(x)).sum().backward()
+            per_step.append(calls[before:])
+        torch.save(per_step, f'{out_dir}/calls{rank}.pt')
+    finally:
+        dist.all_reduce = real
+        dist.destroy_process_group()
+
+
+def test_collectives_do_not_depend_on_rank_local_state(tmp_path):
+    spawn(_collective_worker, args=(str(tmp_path / 'store'), str(tmp_path)), nprocs=WORLD)
+    calls = [torch.load(tmp_path / f'calls{r}.pt') for r in range(WORLD)]
+    assert calls[0] == calls[1]          # same number, order and sizes at every step
+    assert all(len(step) >= 3 for step in calls[0])   # moments, slopes, and the backward all-reduce
