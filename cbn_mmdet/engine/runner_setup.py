@@ -48,11 +48,40 @@ def read_config_file(config):
     try:
         return Config.fromfile(config)
     except SyntaxError as err:
-        where = f'{err.filename or config}, line {err.lineno}' if err.lineno else (err.filename or config)
+        # mmengine parses with ast (filename '<unknown>'): find the file of the chain that fails.
+        located = _syntax_error_in(config) if not err.filename or err.filename.startswith('<') else None
+        if located is not None:
+            err = located
+        path = err.filename if err.filename and not err.filename.startswith('<') else config
+        where = f'{path}, line {err.lineno}' if err.lineno else path
         raise ConfigError(f'config file {config!r}: syntax error ({where}): {err.msg}') from None
     except Exception as err:     # a missing _base_, a NameError in the file, a bad custom_imports...
         message = str(err).strip().splitlines()[-1] if str(err).strip() else ''
         raise ConfigError(f'config file {config!r} cannot be loaded: {type(err).__name__}: {message}') from None
+
+
+def _syntax_error_in(config, depth=0):
+    """The ``SyntaxError`` (with its filename) of ``config`` or of a ``_base_`` file below it, or ``None``."""
+    try:
+        with open(config) as f:
+            compile(f.read(), config, 'exec')
+    except SyntaxError as err:
+        return err
+    except OSError:
+        return None
+    if depth > 16:
+        return None
+    from mmengine.config import Config
+    try:
+        bases = Config._get_base_files(config)
+    except Exception:
+        return None
+    for base in bases:
+        path = osp.join(osp.dirname(config), base) if not osp.isabs(base) else base
+        found = _syntax_error_in(path, depth + 1) if osp.isfile(path) else None
+        if found is not None:
+            return found
+    return None
 
 
 def default_work_dir(config):

@@ -72,8 +72,13 @@ def test_config_with_a_syntax_error_names_file_and_line(tmp_path):
     config = tmp_path / 'broken.py'
     config.write_text("model = dict(type='MaskRCNN',\nnorm_cfg = dict(type='BN')\n")
     message = _exit_message(train_tool, [str(config), '--work-dir', str(tmp_path / 'wd')])
-    assert message.startswith(f"tools/train.py: config error: config file '{config}': syntax error (")
-    assert 'line ' in message and len(message.splitlines()) <= 2 and not (tmp_path / 'wd').exists()
+    assert message == (f"tools/train.py: config error: config file '{config}': syntax error ({config}, line 1): "
+                       "'(' was never closed")
+    assert not (tmp_path / 'wd').exists()
+    child = tmp_path / 'child.py'                   # the error in a _base_ file: that file is named
+    child.write_text(f"_base_ = {str(config)!r}\n")
+    message = _exit_message(train_tool, [str(child), '--work-dir', str(tmp_path / 'wd')])
+    assert f"config file '{child}': syntax error ({config}, line 1)" in message
 
 
 @pytest.mark.parametrize('option, expected', [
