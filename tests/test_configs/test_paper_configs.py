@@ -66,8 +66,10 @@ BURNIN_EPOCHS = {'cbn_buffer3_burnin8': 8}
 
 
 def _row(folder, detector, depth, norm, **overrides):
+    # The official CBN repository names the no-norm row without a norm token: faster_rcnn_r50_fpn_1x.py.
+    suffix = '' if norm == 'baseline' else f'_{norm}'
     row = dict(
-        path=f'{folder}/{detector}_rcnn_r{depth}_fpn_{norm}_1x.py',
+        path=f'{folder}/{detector}_rcnn_r{depth}_fpn{suffix}_1x.py',
         detector=detector, depth=depth, norm=norm,
         # backbone: ImageNet (torchvision) weights, frozen BN, plain convs
         backbone_norm=('BN', nn.BatchNorm2d), conv=nn.Conv2d, norm_eval=True, frozen_stages=1,
@@ -102,7 +104,11 @@ IDS = [row['path'] for row in ROWS]
 
 # Folders whose configs reproduce a paper row and must all appear in the table above.
 PAPER_FOLDERS = ('cbn', 'ws', 'mabn')
-LEAVES = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob('*.py') if '_base_' not in p.parts)
+# Former names kept as one-line `_base_` aliases of the official names (tested below, not reference rows).
+ALIASES = {f'cbn/{det}_rcnn_r{depth}_fpn_baseline_1x.py': f'cbn/{det}_rcnn_r{depth}_fpn_1x.py'
+           for det in ('faster', 'mask') for depth in (50, 101)}
+LEAVES = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob('*.py')
+                if '_base_' not in p.parts and p.relative_to(CONFIGS).as_posix() not in ALIASES)
 OTHER_LEAVES = [p for p in LEAVES if p.split('/')[0] not in PAPER_FOLDERS]
 
 
@@ -168,10 +174,21 @@ def test_base_config_loads(path):
 
 
 def test_the_cbn_paper_rows_exist():
-    """The 8 detection rows of the CBN paper's table, by the names of the official pattern."""
+    """The 8 detection rows of the CBN paper's table (and the R-101 ones), by the official repository's names."""
     for det in ('faster', 'mask'):
-        for norm in ('baseline', 'syncbn', 'gn', 'cbn_buffer3_burnin8'):
-            assert (CONFIGS / 'cbn' / f'{det}_rcnn_r50_fpn_{norm}_1x.py').is_file()
+        for depth in (50, 101):
+            for name in ('fpn_1x', 'fpn_syncbn_1x', 'fpn_gn_1x', 'fpn_cbn_buffer3_burnin8_1x'):
+                assert (CONFIGS / 'cbn' / f'{det}_rcnn_r{depth}_{name}.py').is_file()
+
+
+@pytest.mark.parametrize('alias', sorted(ALIASES))
+def test_former_baseline_names_are_one_line_aliases(alias):
+    """One source per config: the old name holds nothing but a `_base_` pointing at the official one."""
+    official = ALIASES[alias]
+    code = [line for line in (CONFIGS / alias).read_text().splitlines()
+            if line.strip() and not line.lstrip().startswith('#')]
+    assert code == [f"_base_ = './{Path(official).name}'"]
+    assert load(alias).to_dict() == load(official).to_dict()
 
 
 # --------------------------------------------------------------------------------------------------
