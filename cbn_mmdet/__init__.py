@@ -9,7 +9,14 @@ when mmengine and mmcv are installed.
 """
 from importlib.util import find_spec
 
+from .compat import TESTED_TORCH, check_torch_version
+
 __version__ = '0.1.0'
+
+# A torch outside the tested range installs (no upper bound in the dependencies) but is told so once.
+check_torch_version()
 
 if find_spec('mmengine') is not None and find_spec('mmcv') is not None:
     from . import engine, models  # noqa: F401  (imported for their registrations)
+
+__all__ = ['TESTED_TORCH', 'check_torch_version', '__version__']
