@@ -295,6 +295,9 @@ def test_model_fields(path):
     for part in heads + [backbone]:
         conv_cfg = part.get('conv_cfg')
         assert (None if conv_cfg is None else conv_cfg.type) == expected_conv[row['conv']]
+        # The BCN authors' ImageNet WS divides by sqrt(var_unbiased + 1e-5): their weights need that variant.
+        if conv_cfg is not None and conv_cfg.type == 'WSConv':
+            assert conv_cfg.get('eps_inside_sqrt', False) is (row['norm'] == 'bcn_ws'), conv_cfg
 
 
 @pytest.mark.parametrize('path', IDS)

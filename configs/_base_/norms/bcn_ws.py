@@ -6,7 +6,9 @@
 # statistics that are updated from every batch, instead of the noisy statistics of 4 images. It only
 # acts in training mode, so leaves using this file also set the backbone's norm_eval=False (mmdet's
 # norm_eval=True would freeze every _BatchNorm subclass, BCN included, in eval mode for the whole run).
-conv_cfg = dict(type='WSConv')
+# eps_inside_sqrt: the BCN authors' networks were trained with WS dividing by sqrt(var_unbiased + 1e-5)
+# (mmcv's ConvWS2d and our default divide by std + 1e-5): their converted weights need that variant.
+conv_cfg = dict(type='WSConv', eps_inside_sqrt=True)
 norm_cfg = dict(type='BCN', num_groups=32, estimate_stats=True, requires_grad=True)
 
 # The backbone MUST start from ImageNet weights trained with BCN + WS. The BCN authors released them
