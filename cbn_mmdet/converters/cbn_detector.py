@@ -65,3 +65,17 @@ def convert_cbn_v06_detector(state_dict, target_state):
     source = strip_prefix(state_dict, 'module.')
     converted = _reorder_classes({_rename(k): v for k, v in source.items()})
     return check_against_target(converted, target_state, fill=_cbn_only_buffers() | {'num_batches_tracked'})
+
+
+def build_config_model(config):
+    """The model of an mmdet 3.x config, built on CPU without loading any pretrained weights."""
+    import copy
+
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+    from mmengine import Config
+    register_all_modules()
+    model_cfg = copy.deepcopy(Config.fromfile(config).model)
+    if model_cfg.get('backbone', {}).get('init_cfg') is not None:
+        model_cfg.backbone.init_cfg = None    # the converted checkpoint replaces every weight
+    return MODELS.build(model_cfg)
