@@ -25,8 +25,8 @@ class _CBNNormalise(torch.autograd.Function):
     def forward(ctx, x, weight, bias, mean_t, var_t, coef, past_mean, past_sq, var_factor, eps,
                 eps_inside_sqrt, count):
         if var_factor is None:    # window path
-            mean = coef * mean_t + past_mean
-            raw_var = coef * (var_t + mean_t * mean_t) + past_sq - mean * mean
+            mean = torch.addcmul(past_mean, coef, mean_t)
+            raw_var = torch.addcmul(torch.addcmul(past_sq, coef, var_t + mean_t * mean_t), mean, mean, value=-1)
             var = raw_var.clamp_min(0)
             var_live = raw_var >= 0            # the clamp passes no gradient where it is active
             factor = 1.0
