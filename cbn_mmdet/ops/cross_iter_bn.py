@@ -98,6 +98,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             (``0.25``: every other row and column, 4× cheaper). Only the slope used to compensate *past*
             entries is estimated; the current statistics, ``∂μ/∂W`` and all gradients stay exact. See
             ``docs/cbn.md`` ("Fast mode") for when the added error is negligible.
+        two_stage (bool): official option. True: no window during the burn-in, the full window after it.
+            False: ``int(buffer_num · min(iter / burnin, 1))`` past entries, growing over the burn-in
+            (``burnin=0``: the full window from the start). Default: True.
+        frozen (bool): official ``FROZEN``: training normalises with the running statistics and updates
+            neither them nor the window. Default: False.
 
     Shape:
         - Input: ``(N, C, H, W)``; ``N = 0`` gives an empty output. Output: same shape.
