@@ -8,8 +8,11 @@ import argparse
 import json
 import os.path as osp
 import sys
+from importlib.util import find_spec
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))   # run from a checkout, uninstalled
+# An installed cbn_mmdet wins; only an uninstalled checkout puts itself on the path.
+if find_spec('cbn_mmdet') is None:
+    sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from cbn_mmdet.engine.config_checks import ConfigError  # noqa: E402
 from cbn_mmdet.engine.data_errors import DataError  # noqa: E402
