@@ -21,16 +21,16 @@ def _reimport_warnings(monkeypatch, version):
     return [w for w in caught if 'cbn_mmdet: installed torch' in str(w.message)]
 
 
-@pytest.mark.parametrize('version', ['2.14.0', '3.0.1+cu130', '2.0.1', '1.13.1'])
+@pytest.mark.parametrize('version', ['2.14.0', '3.0.1+cu130', '2.12.1', '2.1.0', '1.13.1'])
 def test_import_warns_outside_the_tested_range(monkeypatch, version):
     found = _reimport_warnings(monkeypatch, version)
     assert len(found) == 1, [str(w.message) for w in found]
     message = str(found[0].message)
     # names the installed version and the tested range (written out here, not read from the constant)
-    assert f'torch {version} ' in message and 'tested range torch 2.1 to 2.13' in message
+    assert f'torch {version} ' in message and 'tested range torch 2.13;' in message
 
 
-@pytest.mark.parametrize('version', ['2.1.0', '2.5.1+cpu', '2.13.0+cpu', '2.13.2'])
+@pytest.mark.parametrize('version', ['2.13.0', '2.13.0+cpu', '2.13.2+cu130'])
 def test_import_is_silent_inside_the_tested_range(monkeypatch, version):
     assert _reimport_warnings(monkeypatch, version) == []
 
@@ -46,9 +46,9 @@ def test_unreadable_version_is_one_line_error():
         check_torch_version('nightly')
 
 
-def test_dependencies_have_no_torch_upper_bound_and_match_the_tested_floor():
+def test_dependencies_have_no_torch_upper_bound_and_admit_the_tested_range():
     # (tomllib is 3.11+; the package supports 3.9, so read the one dependency line directly)
     block = re.search(r'^dependencies = \[(.*?)^\]', PYPROJECT.read_text(), re.S | re.M).group(1)
     torch_specs = re.findall(r'"(torch\b[^"]*)"', block)
     assert torch_specs == ['torch>=2.1']
-    assert TESTED_TORCH[0] == (2, 1)
+    assert (2, 1) <= TESTED_TORCH[0] <= TESTED_TORCH[1]
