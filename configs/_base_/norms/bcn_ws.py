@@ -17,7 +17,7 @@ norm_cfg = dict(type='BCN', num_groups=32, estimate_stats=True, requires_grad=Tr
 #   https://cs.jhu.edu/~syqiao/BatchChannelNormalization/rn101_bcn_ws.pth
 # Their layout differs from mmdet's ResNet with our BCN (released: `bn1.pbn.*` = an affine BN, then a
 # per-GROUP affine `bn1.weight/bias` of shape (1, 32, 1); ours: `bn1.*` with one per-channel affine),
-# so they must be converted first; docs/reproduce_coco.md ("Pretrained backbones") gives the mapping.
+# so they must be converted first: tools/model_converters/bcn_ws_to_mmdet.py (docs/reproduce_coco.md).
 # The paths below are where the converted files are expected (relative to the working directory).
 # Without such weights, see gn_ws.py: a BN-pretrained backbone with WS convs diverges or underperforms;
 # from scratch needs a much longer schedule.
