@@ -19,4 +19,9 @@ check_torch_version()
 if find_spec('mmengine') is not None and find_spec('mmcv') is not None:
     from . import engine, models  # noqa: F401  (imported for their registrations)
 
+    # mmcv's fuse_conv_bn / efficient_conv_bn_eval would silently mis-fold WS convs, CBN and BCN:
+    # from here on they fold those exactly (plain conv + BN pairs still take mmcv's own code).
+    from .deploy.fuse_norm import install_mmcv_fold_guard
+    install_mmcv_fold_guard()
+
 __all__ = ['TESTED_TORCH', 'check_torch_version', '__version__']

@@ -10,8 +10,21 @@ The whole-detector benchmark (``tools/benchmark_model.py``) needs mmdet and live
 which this package does not import.
 """
 from .memory import cbn_extra_bound_bytes, module_state_bytes, peak_step_bytes
-from .norm_bench import (DEFAULT_NORMS, NORMS, ConvShape, build_case, default_shapes, fpn_shapes, issue_shapes,
-                         memory_rows, profile_case, roi_shapes, run_norm_benchmark, run_shape, time_rows)
+from .norm_bench import (
+                         DEFAULT_NORMS,
+                         NORMS,
+                         ConvShape,
+                         build_case,
+                         default_shapes,
+                         fpn_shapes,
+                         issue_shapes,
+                         memory_rows,
+                         profile_case,
+                         roi_shapes,
+                         run_norm_benchmark,
+                         run_shape,
+                         time_rows,
+)
 from .official_cbn import OfficialAlgorithmCBN
 
 __all__ = ['ConvShape', 'NORMS', 'DEFAULT_NORMS', 'fpn_shapes', 'roi_shapes', 'issue_shapes', 'default_shapes',

@@ -35,7 +35,7 @@ def _compensated(cbn, weight):
     """Window entries of ``cbn`` moved to ``weight`` in float64 with ``W_t − W_τ`` materialised."""
     dt = torch.float64
     n, c = cbn.window_mean.shape
-    delta = (weight.to(dt).unsqueeze(0) - cbn.window_weight.to(dt)).reshape(n, c, -1)
+    delta = weight.to(dt).reshape(1, c, -1) - cbn.window_weight.to(dt).reshape(n, c, -1)
     groups = cbn.window_mean_grad.shape[1]
     d_mean = torch.einsum('ngok,ngk->ngo', delta.reshape(n, groups, c // groups, -1),
                           cbn.window_mean_grad.to(dt)).reshape(n, c)

@@ -49,7 +49,7 @@ class _OfficialCBNAdapter(nn.Module):
                                         burnin=cbn.burnin, eps=cbn.eps, momentum=cbn.momentum)
         self._conv = (conv,)      # a tuple: not a submodule (the conv is owned by its parent)
         if cbn.is_bound:          # the replaced layer must no longer capture the conv's input
-            cbn._binding[1].remove()
+            cbn.unbind()
 
     def forward(self, x):
         return self.cbn(x, self._conv[0].weight)
@@ -110,6 +110,7 @@ def run_model_benchmark(variants=DEFAULT_VARIANTS, repeats=3, warmup=3, device='
                         rois_per_image=None, log=None):
     """Return ``{variant: dict(times_s, peak_bytes, box_rois, mask_rois, params)}``."""
     from mmdet.utils import register_all_modules
+
     import cbn_mmdet  # noqa: F401  (registers the layers)
     register_all_modules()
     packed = _inputs(device)

@@ -16,8 +16,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from ..ops import (BatchChannelNorm2d, CenteredConv2d, CrossIterationBatchNorm2d, MovingAverageBatchNorm2d,
-                   bind_cbn_to_conv, second_moment_weight_grad)
+from ..ops import (
+    BatchChannelNorm2d,
+    CenteredConv2d,
+    CrossIterationBatchNorm2d,
+    MovingAverageBatchNorm2d,
+    bind_cbn_to_conv,
+    second_moment_weight_grad,
+)
 from .memory import module_state_bytes, peak_step_bytes
 from .official_cbn import OfficialAlgorithmCBN
 

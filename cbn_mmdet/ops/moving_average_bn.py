@@ -49,9 +49,15 @@ import warnings
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._validate import (check_divides, check_eps, check_input_dim, check_non_negative_int, check_positive_int,
-                        check_unit_interval)
 from ._amp import autocast_off, compute_dtype
+from ._validate import (
+    check_divides,
+    check_eps,
+    check_input_dim,
+    check_non_negative_int,
+    check_positive_int,
+    check_unit_interval,
+)
 
 __all__ = ['MovingAverageBNFunction', 'moving_average_bn', 'MovingAverageBatchNorm2d']
 

@@ -25,8 +25,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._validate import check_eps, check_positive_int, check_unit_interval
 from ._amp import autocast_off
+from ._validate import check_eps, check_positive_int, check_unit_interval
 from .distributed import get_world_size, sync_weighted_mean
 
 __all__ = ['SyncBatchNorm', 'sync_batch_norm']

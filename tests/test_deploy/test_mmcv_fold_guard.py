@@ -6,6 +6,8 @@ loudly; never a silently different model. ``fuse_conv_bn`` is what mmdet's ``--f
 """
 import copy
 import importlib
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -174,3 +176,11 @@ def test_without_the_guard_centred_conv_is_still_exact(no_guard, path):
         reference = model(x)
         out = _apply(path, model)(x)
     torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_import_cbn_mmdet_installs_the_guard():
+    # A fresh interpreter: mmdet's --fuse-conv-bn must fold exactly as soon as a config imports cbn_mmdet.
+    code = ('import importlib, cbn_mmdet; from cbn_mmdet.deploy.fuse_norm import mmcv_fold_guard_installed; '
+            "fcb = importlib.import_module('mmcv.cnn.utils.fuse_conv_bn'); "
+            "assert mmcv_fold_guard_installed() and fcb._fuse_conv_bn.__module__ == 'cbn_mmdet.deploy.fuse_norm'")
+    subprocess.run([sys.executable, '-c', code], check=True)

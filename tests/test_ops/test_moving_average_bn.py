@@ -366,7 +366,7 @@ def test_constructor_errors():
         MovingAverageBatchNorm2d(C, momentum=1.5, B=2, real_B=4)
     with pytest.raises(TypeError, match=r'momentum must be a real number, got None'):
         MovingAverageBatchNorm2d(C, momentum=None, B=2, real_B=4)
-    with pytest.raises(ValueError, match=r'eps must be >= 0, got -1.0'):
+    with pytest.raises(ValueError, match=r'eps must be > 0, got -1.0'):
         MovingAverageBatchNorm2d(C, eps=-1.0, B=2, real_B=4)
     with pytest.raises(ValueError, match=r'num_features must be a positive int, got 0'):
         MovingAverageBatchNorm2d(0, B=2, real_B=4)
