@@ -47,7 +47,7 @@ def module_state_bytes(module):
 
 
 def cbn_extra_bound_bytes(weight_numel, channels, buffer_num, element_size=4):
-    """The issue's budget for the extra memory of one CBN layer: ``n·(3|W| + 2C) + 2|W|`` numbers."""
+    """Our budget for the extra memory of one CBN layer: ``n·(3|W| + 2C) + 2|W|`` numbers."""
     return (buffer_num * (3 * weight_numel + 2 * channels) + 2 * weight_numel) * element_size
 
 

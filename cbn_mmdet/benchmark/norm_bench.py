@@ -110,7 +110,7 @@ def issue_shapes():
 def default_shapes(full=False):
     """``--full``: every FPN level at batch 1, 2, 4 (3x3 and 1x1) and every RoI shape; else a subset
     that a 2-core CPU runs in minutes (the small FPN levels at batch 2, the smallest RoI batches). Both
-    include the issue's shapes (its third, 64 RoIs x 256 x 14 x 14, is the mask-head shape)."""
+    include the target shapes (the third, 64 RoIs x 256 x 14 x 14, is the mask-head shape)."""
     if full:
         return fpn_shapes() + roi_shapes() + issue_shapes()
     return (fpn_shapes(batches=(2,), levels=('P4', 'P5'))

@@ -138,7 +138,7 @@ def write_markdown(path, sections, machine, args):
                 'Memory: *extra state* = bytes of the layer\'s state_dict tensors and buffers (official: its '
                 'Python-list window) minus those of `nn.BatchNorm2d`; *step peak* = the peak of tensors '
                 'allocated during one training step (CPU: torch.profiler memory timeline; CUDA: '
-                '`max_memory_allocated`). The budget is the issue\'s `n·(3|W| + 2C) + 2|W|` floats; the '
+                '`max_memory_allocated`). The budget is our `n·(3|W| + 2C) + 2|W|` floats; the '
                 'compared total is extra state + (CBN step peak − BN step peak).', '',
                 markdown_table(mheader, mrows)]
         write_doc_section(path, 'norm-benchmark' + tag, '\n'.join(body))

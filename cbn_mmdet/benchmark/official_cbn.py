@@ -5,7 +5,7 @@ per layer and per iteration, obtains ∂μ/∂W and ∂ν/∂W with two ``torch.
 conv weight-gradient), keeps the window in Python lists (newest first), compensates every entry with
 broadcasted products over the whole weight, and normalises through autograd in a ``(C, N·H·W)`` layout
 (a transposed copy of the input, transposed back at the end). This module repeats that sequence of
-operations (semantics: ``shared/reference/algorithms.md``, "Its exact training forward") so that the
+operations (its semantics: docs/papers.md, "Official behaviour we match") so that the
 benchmark times the official *implementation* of the algorithm next to ours on the same machine. It is
 deliberately not registered anywhere.
 """

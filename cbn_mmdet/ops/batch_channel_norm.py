@@ -1,16 +1,17 @@
 """Batch-Channel Normalization (BCN).
 
-Qiao, Wang, Liu, Shen, Yuille, "Micro-Batch Training with Batch-Channel Normalization and Weight
-Standardization", arXiv 1903.10520. BCN is batch normalization per channel followed by group
-(channel) normalization, then an affine; it is meant to follow a weight-standardized conv
-(:class:`~cbn_mmdet.ops.weight_std_conv.WeightStandardizedConv2d`).
+Qiao, Wang, Liu, Shen, Yuille, "Rethinking Normalization and Elimination Singularity in Neural
+Networks", arXiv 1911.09738 (the paper that introduces BCN; the later version of the Weight
+Standardization paper, arXiv 1903.10520, describes it too). BCN is batch normalization per channel
+followed by group (channel) normalization, then an affine; it is meant to follow a weight-standardized
+conv (:class:`~cbn_mmdet.ops.weight_std_conv.WeightStandardizedConv2d`).
 
 BibTeX::
 
-    @article{qiao2019ws,
-      title={Micro-Batch Training with Batch-Channel Normalization and Weight Standardization},
+    @article{qiao2019bcn,
+      title={Rethinking Normalization and Elimination Singularity in Neural Networks},
       author={Qiao, Siyuan and Wang, Huiyu and Liu, Chenxi and Shen, Wei and Yuille, Alan},
-      journal={arXiv preprint arXiv:1903.10520}, year={2019}}
+      journal={arXiv preprint arXiv:1911.09738}, year={2019}}
 """
 
 import torch

@@ -1,8 +1,9 @@
 """A literal re-implementation of the official CBatchNorm2d *training* semantics.
 
-Written from the step list in shared/reference/algorithms.md, deliberately naive: Python lists for the
-window (newest first), two ``torch.autograd.grad`` calls per iteration for dμ/dW and dν/dW, per-entry
-loops, no guard for an empty window. It is the oracle our layer must match to float64 precision.
+Written from the official step list (docs/papers.md, "Official behaviour we match"), deliberately
+naive: Python lists for the window (newest first), two ``torch.autograd.grad`` calls per iteration
+for dμ/dW and dν/dW, per-entry loops, no guard for an empty window.
+It is the oracle our layer must match to float64 precision.
 """
 import torch
 

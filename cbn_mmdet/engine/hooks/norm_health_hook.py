@@ -11,14 +11,12 @@ import torch
 import torch.nn as nn
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
-from mmengine.registry import HOOKS
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 NORM_TYPES = (_BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm)
 
 
-@HOOKS.register_module(force=True)
 class NormHealthHook(Hook):
     """Raise (or log) when a NaN/Inf input reaches any norm layer during training.
 

@@ -10,10 +10,8 @@ import random
 import numpy as np
 import torch
 from mmengine.hooks import Hook
-from mmengine.registry import HOOKS
 
 
-@HOOKS.register_module(force=True)
 class RNGStateHook(Hook):
     """Store python/numpy/torch (and CUDA) RNG states in ``checkpoint['rng_state']``; restore on resume."""
 
