@@ -77,3 +77,44 @@ def test_ema_hook_trains_and_validates_the_ema_model(tmp_path, update_buffers):
     if update_buffers:   # buffers are averaged too: the EMA's counter followed the live one
         assert all(int(c.iter_count) > 0 for c in copies)
     assert ema is model
+
+
+class _TinyNet(BaseModel):
+    """Two ConvModules with any norm/conv of this package (batch 2 per step: MABN's B must match)."""
+
+    def __init__(self, norm_cfg, conv_cfg):
+        super().__init__()
+        self.body = nn.Sequential(ConvModule(3, 8, 3, padding=1, norm_cfg=norm_cfg, conv_cfg=conv_cfg),
+                                  ConvModule(8, 8, 3, padding=1, norm_cfg=norm_cfg, conv_cfg=conv_cfg))
+        self.head = nn.Conv2d(8, 1, 1)
+
+    forward = _TinyCBNNet.forward
+
+
+@pytest.mark.parametrize('norm_cfg,conv_cfg', [
+    (dict(type='SyncCBN', buffer_num=2, burnin=1), None),
+    (dict(type='CBN', buffer_num=2, burnin=1), dict(type='WSConv')),
+    (dict(type='BCN', num_groups=4), dict(type='WSConv')),
+    (dict(type='MABN', B=2, real_B=4), dict(type='CenConv')),
+    (dict(type='SyncBN'), None),
+    (dict(type='GN', num_groups=4), None),
+])
+@pytest.mark.parametrize('update_buffers', [True, False])
+def test_ema_hook_with_every_layer(tmp_path, norm_cfg, conv_cfg, update_buffers):
+    model = _TinyNet(norm_cfg, conv_cfg)
+    runner = Runner(
+        model=model, work_dir=str(tmp_path), train_dataloader=_loader(), val_dataloader=_loader(),
+        val_evaluator=dict(type=_MSE), val_cfg=dict(), default_scope='mmdet',
+        train_cfg=dict(by_epoch=False, max_iters=5, val_interval=5),
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01)),
+        custom_hooks=[dict(type='EMAHook', ema_type='ExpMomentumEMA', momentum=0.0002,
+                           update_buffers=update_buffers)],
+        default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=5), logger=dict(type='LoggerHook')),
+        env_cfg=dict(dist_cfg=dict(backend='gloo')), log_level='WARNING')
+    runner.train()
+    metrics = runner.val()
+    assert torch.isfinite(torch.tensor(metrics['mse']))
+    saved = sorted(tmp_path.glob('*.pth'))
+    assert saved, 'no checkpoint written'
+    checkpoint = torch.load(str(saved[-1]), map_location='cpu', weights_only=False)
+    assert set(checkpoint['state_dict']) and 'ema_state_dict' in checkpoint
