@@ -73,7 +73,8 @@ def test_training_model_is_refused():
 
 def test_fuse_tool_on_a_cbn_detector_config(tmp_path):
     """The CLI on the paper's CBN Mask R-CNN config (random weights, small input): verified, saved."""
-    from cbn_mmdet.deploy.fuse_tool import main
+    from tests.tiny_config import load_tool
+    main = load_tool('deploy/fuse_norm.py').main
     out = tmp_path / 'fused.pth'
     cfg = tmp_path / 'cfg.py'
     cfg.write_text("_base_ = '" + str(__import__('pathlib').Path(__file__).resolve().parents[2] /
