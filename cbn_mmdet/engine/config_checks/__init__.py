@@ -13,7 +13,7 @@ instead of the errors mmengine/mmcv would give much later, or never (a silently 
 ``docs/reliability.md`` lists every check with its message.
 """
 from .annotations import check_annotation_files
-from .batch import check_global_batch
+from .batch import check_global_batch, check_mabn_batch
 from .errors import ConfigError
 from .layers import check_layer_types, mmdet_models_registry, registered_conv_types, registered_norm_types
 from .norms import (
@@ -27,6 +27,7 @@ from .norms import (
 from .paths import check_dataset_paths
 
 __all__ = ['ConfigError', 'check_dataset_paths', 'check_annotation_files', 'check_layer_types', 'check_global_batch',
+           'check_mabn_batch',
            'registered_norm_types', 'registered_conv_types', 'mmdet_models_registry', 'check_norm_arguments',
            'check_norm_order', 'check_sync_bn_conversion', 'check_burnin_hooks', 'check_sync_layers_launch',
            'validate_norm_config', 'validate_config']
@@ -49,3 +50,4 @@ def validate_config(cfg, mode, world_size=1, logger=None):
     check_annotation_files(cfg, splits)
     if mode == 'train':
         check_global_batch(cfg, world_size, logger=logger)
+        check_mabn_batch(cfg)

@@ -1,7 +1,7 @@
 """The global batch: a multi-process run must keep the batch its schedule was made for."""
 from .errors import ConfigError
 
-__all__ = ['check_global_batch']
+__all__ = ['check_global_batch', 'check_mabn_batch']
 
 def check_global_batch(cfg, world_size, logger=None):
     """Dist runs: the process count must divide ``cfg.global_batch_size`` (where the config states one).
@@ -30,3 +30,24 @@ def check_global_batch(cfg, world_size, logger=None):
             logger(f'global_batch_size={global_batch} over {world_size} processes: '
                    f'train_dataloader.batch_size {loader.get("batch_size")} -> {per_process}')
         loader['batch_size'] = per_process
+
+
+def check_mabn_batch(cfg):
+    """MABN's ``B`` must be the images per process (``train_dataloader.batch_size``).
+
+    Its moving averages emulate a batch of ``real_B`` from ``real_B / B`` iterations of ``B`` images; the
+    layer cannot check it itself (in RoI heads its batch dimension counts RoIs, not images), so the
+    config is checked after the global batch has been split over the processes.
+    """
+    from ...models.registry import NORM_LAYERS
+    from ...ops import MovingAverageBatchNorm2d
+    mabn_types = {name for name, cls in NORM_LAYERS.items() if issubclass(cls, MovingAverageBatchNorm2d)}
+    loader = cfg.get('train_dataloader')
+    batch = loader.get('batch_size') if isinstance(loader, dict) else None
+    if not isinstance(batch, int) or isinstance(batch, bool):
+        return
+    from .norms import _norm_sites
+    for field, norm_cfg, _ in _norm_sites(cfg):
+        if norm_cfg['type'] in mabn_types and norm_cfg.get('B') != batch:
+            raise ConfigError(f"{field}: MABN B={norm_cfg.get('B')!r} must equal train_dataloader.batch_size="
+                              f'{batch} (the images per process); set both to the same value')
