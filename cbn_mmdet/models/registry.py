@@ -29,7 +29,7 @@ from ..ops import (
 )
 
 __all__ = ['NORM_LAYERS', 'CONV_LAYERS', 'HOOK_TYPES', 'CBN_TYPES', 'SYNC_NORM_TYPES', 'NOT_SYNCBN_CONVERTIBLE',
-           'register_all']
+           'MABN_TYPES', 'register_all']
 
 NORM_LAYERS = {
     'CBN': CrossIterationBatchNorm2d,
@@ -56,6 +56,8 @@ _MMCV_SYNC_TYPES = ('MMSyncBN',)
 
 # Norm types that are cross-iteration BN (need the conv that feeds them; burn-in applies).
 CBN_TYPES = tuple(n for n, cls in NORM_LAYERS.items() if issubclass(cls, CrossIterationBatchNorm2d))
+# Norm types whose moving averages assume B images per process (checked against the dataloader).
+MABN_TYPES = tuple(n for n, cls in NORM_LAYERS.items() if issubclass(cls, MovingAverageBatchNorm2d))
 # Norm types that synchronise statistics over a process group.
 SYNC_NORM_TYPES = tuple(n for n, cls in NORM_LAYERS.items()
                         if issubclass(cls, (nn.SyncBatchNorm, SyncCrossIterationBatchNorm2d))) + _MMCV_SYNC_TYPES

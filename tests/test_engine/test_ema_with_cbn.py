@@ -50,20 +50,26 @@ def _loader():
                 collate_fn=dict(type='default_collate'))
 
 
+def _ema_runner(model, work_dir, update_buffers, iters):
+    """A real mmengine Runner training ``model`` for ``iters`` iterations with EMAHook, then validating."""
+    return Runner(
+        model=model, work_dir=str(work_dir), train_dataloader=_loader(), val_dataloader=_loader(),
+        val_evaluator=dict(type=_MSE), val_cfg=dict(), default_scope='mmdet',
+        train_cfg=dict(by_epoch=False, max_iters=iters, val_interval=iters),
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01)),
+        custom_hooks=[dict(type='EMAHook', ema_type='ExpMomentumEMA', momentum=0.0002,
+                           update_buffers=update_buffers)],
+        default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=iters),
+                           logger=dict(type='LoggerHook')),
+        env_cfg=dict(dist_cfg=dict(backend='gloo')), log_level='WARNING')
+
+
 @pytest.mark.parametrize('update_buffers', [True, False])
 def test_ema_hook_trains_and_validates_the_ema_model(tmp_path, update_buffers):
     model = _TinyCBNNet()
     layers = [m for m in model.modules() if isinstance(m, CrossIterationBatchNorm2d)]
     assert all(m.is_bound and m.window_weight.numel() > 0 for m in layers)
-    runner = Runner(
-        model=model, work_dir=str(tmp_path), train_dataloader=_loader(), val_dataloader=_loader(),
-        val_evaluator=dict(type=_MSE), val_cfg=dict(), default_scope='mmdet',
-        train_cfg=dict(by_epoch=False, max_iters=6, val_interval=6),
-        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01)),
-        custom_hooks=[dict(type='EMAHook', ema_type='ExpMomentumEMA', momentum=0.0002,
-                           update_buffers=update_buffers)],
-        default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=6), logger=dict(type='LoggerHook')),
-        env_cfg=dict(dist_cfg=dict(backend='gloo')), log_level='WARNING')
+    runner = _ema_runner(model, tmp_path, update_buffers, iters=6)
     runner.train()
     ema = runner.model if not hasattr(runner.model, 'module') else runner.model.module
     assert all(int(m.window_filled.sum()) == 2 for m in layers)     # the live model used its window
@@ -102,15 +108,7 @@ class _TinyNet(BaseModel):
 @pytest.mark.parametrize('update_buffers', [True, False])
 def test_ema_hook_with_every_layer(tmp_path, norm_cfg, conv_cfg, update_buffers):
     model = _TinyNet(norm_cfg, conv_cfg)
-    runner = Runner(
-        model=model, work_dir=str(tmp_path), train_dataloader=_loader(), val_dataloader=_loader(),
-        val_evaluator=dict(type=_MSE), val_cfg=dict(), default_scope='mmdet',
-        train_cfg=dict(by_epoch=False, max_iters=5, val_interval=5),
-        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01)),
-        custom_hooks=[dict(type='EMAHook', ema_type='ExpMomentumEMA', momentum=0.0002,
-                           update_buffers=update_buffers)],
-        default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=5), logger=dict(type='LoggerHook')),
-        env_cfg=dict(dist_cfg=dict(backend='gloo')), log_level='WARNING')
+    runner = _ema_runner(model, tmp_path, update_buffers, iters=5)
     runner.train()
     metrics = runner.val()
     assert torch.isfinite(torch.tensor(metrics['mse']))

@@ -1,5 +1,7 @@
 """The global batch: a multi-process run must keep the batch its schedule was made for."""
+from ...models.registry import MABN_TYPES
 from .errors import ConfigError
+from .norms import norm_sites
 
 __all__ = ['check_global_batch', 'check_mabn_batch']
 
@@ -39,15 +41,11 @@ def check_mabn_batch(cfg):
     layer cannot check it itself (in RoI heads its batch dimension counts RoIs, not images), so the
     config is checked after the global batch has been split over the processes.
     """
-    from ...models.registry import NORM_LAYERS
-    from ...ops import MovingAverageBatchNorm2d
-    mabn_types = {name for name, cls in NORM_LAYERS.items() if issubclass(cls, MovingAverageBatchNorm2d)}
     loader = cfg.get('train_dataloader')
     batch = loader.get('batch_size') if isinstance(loader, dict) else None
     if not isinstance(batch, int) or isinstance(batch, bool):
         return
-    from .norms import _norm_sites
-    for field, norm_cfg, _ in _norm_sites(cfg):
-        if norm_cfg['type'] in mabn_types and norm_cfg.get('B') != batch:
+    for field, norm_cfg, _ in norm_sites(cfg):
+        if norm_cfg['type'] in MABN_TYPES and norm_cfg.get('B') != batch:
             raise ConfigError(f"{field}: MABN B={norm_cfg.get('B')!r} must equal train_dataloader.batch_size="
                               f'{batch} (the images per process); set both to the same value')

@@ -33,7 +33,7 @@ def _parent_dicts(node, field='model'):
             yield from _parent_dicts(value, f'{field}[{i}]')
 
 
-def _norm_sites(cfg):
+def norm_sites(cfg):
     """Yield ``(field, norm_cfg, module_cfg)`` for each ``norm_cfg`` in the model config."""
     for field, module_cfg in _parent_dicts(cfg.get('model')):
         norm_cfg = module_cfg.get('norm_cfg')
@@ -56,7 +56,7 @@ def check_norm_arguments(cfg):
     ``conv_out_channels``, ...) when it states one, so ``num_groups`` not dividing it is caught too.
     """
     registry = mmdet_models_registry()
-    for field, norm_cfg, module_cfg in _norm_sites(cfg):
+    for field, norm_cfg, module_cfg in norm_sites(cfg):
         cls = registry.get(norm_cfg['type'])
         if cls is None or not inspect.isclass(cls):
             continue      # unknown types are check_layer_types' job
@@ -91,7 +91,7 @@ def check_norm_arguments(cfg):
 
 def check_norm_order(cfg):
     """A CBN needs the conv that feeds it: a ConvModule ``order`` with the norm first cannot work."""
-    for field, norm_cfg, module_cfg in _norm_sites(cfg):
+    for field, norm_cfg, module_cfg in norm_sites(cfg):
         order = module_cfg.get('order')
         if norm_cfg['type'] in CBN_TYPES and isinstance(order, (list, tuple)) and 'conv' in order \
                 and 'norm' in order and list(order).index('norm') < list(order).index('conv'):
@@ -108,7 +108,7 @@ def check_sync_bn_conversion(cfg):
     """``cfg.sync_bn`` converts every _BatchNorm into plain SyncBN: it would erase CBN/BCN/MABN."""
     if not cfg.get('sync_bn'):
         return
-    for field, norm_cfg, _ in _norm_sites(cfg):
+    for field, norm_cfg, _ in norm_sites(cfg):
         if norm_cfg['type'] in NOT_SYNCBN_CONVERTIBLE:
             raise ConfigError(f"sync_bn = {cfg.get('sync_bn')!r} would replace {field} type="
                               f"{norm_cfg['type']!r} by plain SyncBN; remove sync_bn "
@@ -143,7 +143,7 @@ def check_sync_layers_launch(cfg, launcher, cuda_available):
     """On GPUs, a SyncBN/SyncCBN config trained without a launcher would silently be plain BN."""
     if launcher != 'none' or not cuda_available:
         return   # CPU single process: SyncBN is BN by design (the demo and CI rely on it)
-    for field, norm_cfg, _ in _norm_sites(cfg):
+    for field, norm_cfg, _ in norm_sites(cfg):
         if norm_cfg['type'] in SYNC_NORM_TYPES:
             raise ConfigError(f"{field}.type = {norm_cfg['type']!r} on a GPU without a process group "
                               "(--launcher none): launch with tools/dist_train.sh CONFIG N, or set "
