@@ -20,6 +20,7 @@ from mmengine.registry import HOOKS, MODELS
 from ..engine.hooks import CBNBurnInHook, NonFiniteLossHook, NormHealthHook, RNGStateHook
 from ..ops import (
     BatchChannelNorm2d,
+    BatchRenorm2d,
     CenteredConv2d,
     CrossIterationBatchNorm2d,
     MovingAverageBatchNorm2d,
@@ -38,6 +39,7 @@ NORM_LAYERS = {
     'TorchSyncBN': nn.SyncBatchNorm,
     'BCN': BatchChannelNorm2d,
     'MABN': MovingAverageBatchNorm2d,
+    'BRN': BatchRenorm2d,
 }
 CONV_LAYERS = {
     'WSConv': WeightStandardizedConv2d,

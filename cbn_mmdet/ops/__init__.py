@@ -11,6 +11,7 @@ One family per file, each a functional core plus a thin module:
 * ``distributed``        — differentiable count-weighted all-reduce shared by the synced layers.
 """
 from .batch_channel_norm import BatchChannelNorm2d
+from .batch_renorm import BatchRenorm2d, batch_renorm, renorm_limits
 from .cbn_binding import CBNBindError, bind_cbn_convs, bind_cbn_to_conv, register_conv_finder
 from .cbn_stat_grads import mean_input_patch, second_moment_weight_grad
 from .cross_iter_bn import CrossIterationBatchNorm2d, SyncCrossIterationBatchNorm2d
@@ -25,4 +26,5 @@ __all__ = [
     'SyncBatchNorm', 'sync_batch_norm', 'get_world_size', 'sync_weighted_mean', 'BatchChannelNorm2d',
     'MovingAverageBatchNorm2d', 'MovingAverageBNFunction', 'moving_average_bn',
     'WeightStandardizedConv2d', 'CenteredConv2d', 'weight_standardize', 'weight_center',
+    'BatchRenorm2d', 'batch_renorm', 'renorm_limits',
 ]
