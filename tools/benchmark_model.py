@@ -2,7 +2,8 @@
 
 Built from ``configs/cbn/`` (baseline, SyncBN, GN, CBN buffer3) plus a BN config derived from the SyncBN
 one (``type='BN'`` in the same places), CBN with ``stat_grad_sample=0.25`` and CBN computed the official
-way; same heads, same inputs (2 images 320x480), interleaved steps. Needs mmdet. The measurements live in
+way (the test oracle's module, ``tests/oracles/official_cbn.py``); same heads, same inputs (2 images
+320x480), interleaved steps. Needs mmdet and a checkout (the configs, the oracle). The measurements live in
 ``cbn_mmdet.benchmark``; this script parses arguments and reports.
 
     python tools/benchmark_model.py                   # all variants, ~5-8 min on 2 CPU cores
@@ -14,15 +15,17 @@ import os.path as osp
 import sys
 
 os.environ.setdefault('TORCH_CPP_LOG_LEVEL', 'ERROR')     # silence the CPU memory profiler's warnings
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))   # run from a checkout, uninstalled
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+sys.path.insert(0, ROOT)   # run from a checkout: cbn_mmdet (uninstalled) and tests.oracles
 
 import torch  # noqa: E402
 
 from cbn_mmdet.benchmark.model_bench import DEFAULT_VARIANTS, MODEL_VARIANTS, model_rows, run_model_benchmark  # noqa: E402
 from cbn_mmdet.benchmark.report import machine_info, machine_line, markdown_table, text_table, write_doc_section  # noqa: E402
+from tests.oracles.official_cbn import OfficialCBNModule  # noqa: E402
 
-DOC = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'docs',
-                                    'benchmarks.md'))
+DOC = osp.join(ROOT, 'docs', 'benchmarks.md')
+CONFIG_DIR = osp.join(ROOT, 'configs', 'cbn')
 
 
 def parse_args(argv=None):
@@ -50,9 +53,9 @@ def main(argv=None):
     if unknown:
         raise SystemExit(f'unknown variant(s) {unknown}; choose from {", ".join(MODEL_VARIANTS)}')
     load_before = os.getloadavg() if hasattr(os, 'getloadavg') else None
-    results = run_model_benchmark(variants, repeats=args.repeats, warmup=args.warmup, device=args.device,
+    results = run_model_benchmark(CONFIG_DIR, variants, repeats=args.repeats, warmup=args.warmup, device=args.device,
                                   measure_peak=not args.no_peak, rois_per_image=args.rois_per_image or None,
-                                  log=print)
+                                  log=print, official=OfficialCBNModule)
     header, rows = model_rows(results)
     print('\nMask R-CNN R-50-FPN, 2 images 320x480, training step (median), ratios to the BN config and the '
           'baseline:')

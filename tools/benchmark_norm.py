@@ -1,7 +1,9 @@
 """Benchmark conv + norm + ReLU training steps: BN, GN, BCN, MABN, CBN (exact, fast, official algorithm).
 
 Torch only (imports ``cbn_mmdet.ops`` and ``cbn_mmdet.benchmark``; no mmcv), so it runs on a bare CUDA box.
-The measurements live in ``cbn_mmdet.benchmark``; this script parses arguments and reports.
+The measurements live in ``cbn_mmdet.benchmark``; this script parses arguments and reports. It runs from a
+checkout: the official algorithm it times (case ``CBN-official``) is the test oracle's module
+(``tests/oracles/official_cbn.py``), handed to the benchmark as a factory.
 
     python tools/benchmark_norm.py                    # CPU-feasible subset of shapes
     python tools/benchmark_norm.py --full --device cuda
@@ -15,7 +17,8 @@ import os.path as osp
 import sys
 
 os.environ.setdefault('TORCH_CPP_LOG_LEVEL', 'ERROR')     # silence the CPU memory profiler's warnings
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))   # run from a checkout, uninstalled
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+sys.path.insert(0, ROOT)   # run from a checkout: cbn_mmdet (uninstalled) and tests.oracles
 
 import torch  # noqa: E402
 
@@ -25,14 +28,15 @@ from cbn_mmdet.benchmark.norm_bench import (  # noqa: E402
     ConvShape,
     default_shapes,
     memory_rows,
+    op_rows,
     profile_case,
     run_norm_benchmark,
     time_rows,
 )
 from cbn_mmdet.benchmark.report import machine_info, machine_line, markdown_table, text_table, write_doc_section  # noqa: E402
+from tests.oracles.official_cbn import OfficialCBNModule  # noqa: E402
 
-DOC = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'docs',
-                                   'benchmarks.md'))
+DOC = osp.join(ROOT, 'docs', 'benchmarks.md')
 
 
 def parse_args(argv=None):
@@ -46,6 +50,7 @@ def parse_args(argv=None):
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (CPU)')
     parser.add_argument('--no-peak', action='store_true', help='skip the peak-memory measurement')
+    parser.add_argument('--no-op-count', action='store_true', help='skip the aten-op count per step')
     parser.add_argument('--markdown', nargs='?', const=DOC, default=None, metavar='PATH',
                         help='write the generated sections of docs/benchmarks.md (or PATH)')
     parser.add_argument('--profile', action='store_true', help='profile BN / CBN / official at one shape')
@@ -58,12 +63,19 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def _parse_shape(text):
-    values = [int(v) for v in text.split(',')]
-    if len(values) not in (5, 6):
-        raise SystemExit(f'--shape expects N,CIN,H,W,K[,COUT], got {text!r}')
+def _parse_shape(text, option='--shape'):
+    """``N,CIN,H,W,K[,COUT]``; a geometry of the built-in set keeps its name (e.g. 'P5 fpn 3x3')."""
+    try:
+        values = [int(v) for v in text.split(',')]
+    except ValueError:
+        values = []
+    if len(values) not in (5, 6) or min(values) < 1:
+        raise SystemExit(f'{option} expects N,CIN,H,W,K[,COUT] (positive integers), got {text!r}')
     n, cin, h, w, k = values[:5]
     cout = values[5] if len(values) == 6 else 256
+    for known in default_shapes(full=True):
+        if (known.n, known.cin, known.cout, known.h, known.w, known.k) == (n, cin, cout, h, w, k):
+            return known
     return ConvShape('custom', 'custom', n, cin, cout, h, w, k)
 
 
@@ -76,15 +88,16 @@ def run_timing(args, log):
     log(f'{len(shapes)} shapes x {len(norms)} norms, {args.repeats} interleaved repeats after '
         f'{args.warmup} warm-up steps')
     results = run_norm_benchmark(shapes, norms, repeats=args.repeats, warmup=args.warmup, device=args.device,
-                                 measure_peak=not args.no_peak, log=log)
+                                 measure_peak=not args.no_peak, log=log, official=OfficialCBNModule,
+                                 count_ops=not args.no_op_count)
     return norms, results
 
 
 def run_profile(args):
-    shape = _parse_shape(args.profile_shape)
+    shape = _parse_shape(args.profile_shape, '--profile-shape')
     tables = {}
     for name in (n.strip() for n in args.profile_norms.split(',') if n.strip()):
-        tables[name] = profile_case(name, shape, device=args.device)
+        tables[name] = profile_case(name, shape, device=args.device, official=OfficialCBNModule)
     return shape, tables
 
 
@@ -124,10 +137,14 @@ def main(argv=None):
         header, rows = time_rows(results, norms)
         print('\nTraining step (forward + backward) median time, ratio to conv + BN:')
         print(text_table(header, rows))
+        oheader, orows = op_rows(results, norms) if not args.no_op_count else (None, None)
+        if oheader:
+            print('\nTop-level aten ops per training step (forward + backward), without conv / with conv:')
+            print(text_table(oheader, orows))
         mheader, mrows = memory_rows(results)
         print('\nMemory (extra persistent state of one layer vs BN; peak of one step):')
         print(text_table(mheader, mrows))
-        sections['norm-benchmark'] = (header, rows, mheader, mrows)
+        sections['norm-benchmark'] = (header, rows, oheader, orows, mheader, mrows)
     if args.profile:
         shape, tables = run_profile(args)
         for name, table in tables.items():
@@ -150,12 +167,19 @@ def write_markdown(path, sections, machine, args):
     cmd = 'python tools/benchmark_norm.py ' + ' '.join(a for a in sys.argv[1:])
     tag = f'-{args.doc_tag}' if args.doc_tag else ''
     if 'norm-benchmark' in sections:
-        header, rows, mheader, mrows = sections['norm-benchmark']
+        header, rows, oheader, orows, mheader, mrows = sections['norm-benchmark']
         body = [f'Measured with `{cmd.strip()}` on: {machine}.', '',
                 'Median forward + backward time of `relu(norm(conv(x)))` (SGD step between steps, window '
-                f'full, {args.repeats} interleaved repeats), and the ratio to conv + BN:', '',
-                markdown_table(header, rows), '',
-                'Memory: *extra state* = bytes of the layer\'s state_dict tensors and buffers (official: its '
+                f'full, {args.repeats} interleaved repeats), and the ratio to conv + BN. *CBN − floor*: '
+                'CBN\'s ratio minus that of `BN+wgrad` (conv + BN + one extra conv weight-gradient, the '
+                'compute floor of exact CBN), both from the same run:', '',
+                markdown_table(header, rows), '']
+        if oheader:
+            body += ['Top-level aten ops of one training step (forward + backward, window full, CBN bound to its '
+                     'conv; `cbn_mmdet.benchmark.op_count`, deterministic): *without conv* / *with conv* '
+                     '(without = with − the ops of a plain conv of the same geometry):', '',
+                     markdown_table(oheader, orows), '']
+        body += ['Memory: *extra state* = bytes of the layer\'s state_dict tensors and buffers (official: its '
                 'Python-list window) minus those of `nn.BatchNorm2d`; *step peak* = the peak of tensors '
                 'allocated during one training step (CPU: torch.profiler memory timeline; CUDA: '
                 '`max_memory_allocated`). The budget is our `n·(3|W| + 2C) + 2|W|` floats; the '

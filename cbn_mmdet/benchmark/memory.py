@@ -39,10 +39,13 @@ def _attribute_tensors(module):
 
 
 def module_state_bytes(module):
-    """Bytes of ``module``'s own state: state_dict tensors, all buffers, and tensors held in attributes
-    (e.g. CBN's per-entry offsets and work tensor, the official layer's Python-list window)."""
+    """Bytes of ``module``'s own state: state_dict tensors, all buffers, tensors held in attributes
+    (e.g. CBN's per-entry offsets and work tensor) and those a module lists in a ``state_tensors()``
+    method (the official algorithm's Python-list window, kept in a plain object)."""
     tensors = [t for t in module.state_dict(keep_vars=True).values() if isinstance(t, torch.Tensor)]
     tensors += list(module.buffers(recurse=False)) + list(_attribute_tensors(module))
+    if callable(getattr(module, 'state_tensors', None)):
+        tensors += list(module.state_tensors())
     return _bytes(tensors)
 
 

@@ -8,9 +8,13 @@ before each step so that RoI sampling is as alike as the models allow (the RoI c
 Steps of the models are interleaved (one step of each model per round, the order rotated) after a
 warm-up that fills CBN's window, and the median is reported. A step is data preprocessing, forward with
 losses, backward and an SGD step.
+
+The caller passes where the configs are (``config_dir``: the checkout's ``configs/cbn``) and, for the
+``CBN-official`` variant, the official algorithm as a factory ``official(num_features, **cbn_args)``
+returning a module called as ``norm(x, conv_weight)`` (the package ships no reference layers).
 """
 import copy
-import os
+import os.path as osp
 import statistics
 import time
 
@@ -19,12 +23,10 @@ import torch.nn as nn
 
 from ..ops import CrossIterationBatchNorm2d, bind_cbn_convs
 from .memory import module_state_bytes, peak_step_bytes
-from .official_cbn import OfficialAlgorithmCBN
 
 __all__ = ['MODEL_VARIANTS', 'DEFAULT_VARIANTS', 'build_detector', 'run_model_benchmark']
 
-_ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..'))
-_CFG = os.path.join(_ROOT, 'configs', 'cbn', 'mask_rcnn_r50_fpn_{}_1x.py')
+_CFG = 'mask_rcnn_r50_fpn_{}_1x.py'
 
 # name -> (paper config, modification); 'BN' is derived from the SyncBN config with type='BN'.
 MODEL_VARIANTS = {
@@ -41,12 +43,12 @@ FAST_SAMPLE = 0.25
 
 
 class _OfficialCBNAdapter(nn.Module):
-    """Calls :class:`OfficialAlgorithmCBN` with the weight of the conv that a CBN layer was bound to."""
+    """Calls the official algorithm's module with the weight of the conv that a CBN layer was bound to."""
 
-    def __init__(self, cbn, conv):
+    def __init__(self, cbn, conv, official):
         super().__init__()
-        self.cbn = OfficialAlgorithmCBN(cbn.num_features, buffer_num=cbn.buffer_num, rho=cbn.rho,
-                                        burnin=cbn.burnin, eps=cbn.eps, momentum=cbn.momentum)
+        self.cbn = official(cbn.num_features, buffer_num=cbn.buffer_num, rho=cbn.rho, burnin=cbn.burnin,
+                            eps=cbn.eps, momentum=cbn.momentum)
         self._conv = (conv,)      # a tuple: not a submodule (the conv is owned by its parent)
         if cbn.is_bound:          # the replaced layer must no longer capture the conv's input
             cbn.unbind()
@@ -61,15 +63,21 @@ def _set_norm(cfg, norm_cfg):
     cfg.model.roi_head.mask_head.norm_cfg = copy.deepcopy(norm_cfg)
 
 
-def build_detector(variant, device='cpu', rois_per_image=None):
-    """The detector of ``variant`` (see ``MODEL_VARIANTS``), in train mode, on ``device``.
+def build_detector(variant, config_dir, device='cpu', rois_per_image=None, official=None):
+    """The detector of ``variant`` (see ``MODEL_VARIANTS``) from the paper's configs in ``config_dir``, in
+    train mode, on ``device``.
 
-    ``rois_per_image`` overrides the RoI sampler's ``num`` (the paper's 512; fewer keeps a CPU run short).
+    ``rois_per_image`` overrides the RoI sampler's ``num`` (the paper's 512; fewer keeps a CPU run short);
+    ``official`` is the factory of the ``CBN-official`` variant (module doc).
     """
     from mmdet.registry import MODELS
     from mmengine.config import Config
+    if variant not in MODEL_VARIANTS:
+        raise ValueError(f'variant {variant!r}: unknown; choose from {", ".join(MODEL_VARIANTS)}')
     config, change = MODEL_VARIANTS[variant]
-    cfg = Config.fromfile(_CFG.format(config))
+    if change == 'official' and official is None:
+        raise ValueError("variant 'CBN-official': no official-algorithm factory given (official=None)")
+    cfg = Config.fromfile(osp.join(config_dir, _CFG.format(config)))
     cfg.model.backbone.init_cfg = None
     if rois_per_image is not None:
         cfg.model.train_cfg.rcnn.sampler.num = rois_per_image
@@ -85,7 +93,7 @@ def build_detector(variant, device='cpu', rois_per_image=None):
         for name, conv in bound.items():
             parent_name, _, child = name.rpartition('.')
             parent = model.get_submodule(parent_name)
-            setattr(parent, child, _OfficialCBNAdapter(getattr(parent, child), conv))
+            setattr(parent, child, _OfficialCBNAdapter(getattr(parent, child), conv, official))
         assert not any(isinstance(m, CrossIterationBatchNorm2d) and m.buffer_num for m in model.modules())
     return model.to(device).train()
 
@@ -106,9 +114,10 @@ class _RoICounter:
         model.roi_head.mask_head.register_forward_pre_hook(lambda m, a: self.mask.append(a[0].shape[0]))
 
 
-def run_model_benchmark(variants=DEFAULT_VARIANTS, repeats=3, warmup=3, device='cpu', measure_peak=True,
-                        rois_per_image=None, log=None):
-    """Return ``{variant: dict(times_s, peak_bytes, box_rois, mask_rois, params)}``."""
+def run_model_benchmark(config_dir, variants=DEFAULT_VARIANTS, repeats=3, warmup=3, device='cpu', measure_peak=True,
+                        rois_per_image=None, log=None, official=None):
+    """Return ``{variant: dict(times_s, peak_bytes, box_rois, mask_rois, params)}`` (arguments: see
+    :func:`build_detector`)."""
     from mmdet.utils import register_all_modules
 
     import cbn_mmdet  # noqa: F401  (registers the layers)
@@ -117,7 +126,7 @@ def run_model_benchmark(variants=DEFAULT_VARIANTS, repeats=3, warmup=3, device='
     models, optims, counters = {}, {}, {}
     for name in variants:
         torch.manual_seed(0)
-        models[name] = build_detector(name, device, rois_per_image)
+        models[name] = build_detector(name, config_dir, device, rois_per_image, official)
         optims[name] = torch.optim.SGD(models[name].parameters(), lr=1e-4, momentum=0.9)
         counters[name] = _RoICounter(models[name])
 
@@ -176,8 +185,10 @@ def _head_norm_state_bytes(model):
     total = 0
     for part in (model.neck, model.roi_head):
         for module in part.modules():
-            if isinstance(module, (_NormBase, nn.GroupNorm, OfficialAlgorithmCBN)):
+            if isinstance(module, (_NormBase, nn.GroupNorm)):
                 total += module_state_bytes(module)
+            elif isinstance(module, _OfficialCBNAdapter):
+                total += module_state_bytes(module.cbn)
     return total
 
 

@@ -5,6 +5,12 @@ SGD step (outside the timed region), so the conv weights move between steps as i
 compensates a full window of stale entries. The timed region is forward + backward. Cases of one shape
 are run *interleaved* (one step of each case per round, the order rotated every round) after a warm-up,
 and the median per case is reported; on CUDA each step is timed with CUDA events after a synchronize.
+Each case's top-level aten ops per training step are counted too (``op_count``; deterministic).
+
+The case ``CBN-official`` is the official algorithm; its implementation is not part of this package (a
+wheel ships no reference layers): the caller passes a factory ``official(num_features, buffer_num)``
+returning a module called as ``norm(x, conv_weight)`` (``tools/benchmark_norm.py`` passes the test
+oracle's module).
 
 Imports torch and ``cbn_mmdet.ops`` only (runs on a CUDA machine without mmcv).
 """
@@ -25,11 +31,11 @@ from ..ops import (
     second_moment_weight_grad,
 )
 from .memory import module_state_bytes, peak_step_bytes
-from .official_cbn import OfficialAlgorithmCBN
+from .op_count import count_aten_ops
 
-__all__ = ['ConvShape', 'NORMS', 'DEFAULT_NORMS', 'BNPlusWeightGrad', 'fpn_shapes', 'roi_shapes', 'issue_shapes',
-           'default_shapes', 'build_case', 'run_shape', 'run_norm_benchmark', 'NormResult', 'time_rows',
-           'memory_rows', 'profile_case']
+__all__ = ['ConvShape', 'NORMS', 'DEFAULT_NORMS', 'BNPlusWeightGrad', 'fpn_shapes', 'roi_shapes',
+           'small_map_shapes', 'default_shapes', 'build_case', 'case_op_counts', 'run_shape', 'run_norm_benchmark',
+           'NormResult', 'time_rows', 'op_rows', 'memory_rows', 'profile_case']
 
 BUFFER_NUM = 3                    # the paper's window (buffer3)
 FAST_SAMPLE = 0.25                # stat_grad_sample of the 'CBN-fast' case
@@ -63,7 +69,7 @@ class BNPlusWeightGrad(nn.BatchNorm2d):
 class ConvShape:
     """A conv feeding a norm: input ``(n, cin, h, w)``, ``cout`` outputs, ``k``×``k`` kernel, stride 1."""
 
-    group: str        # 'FPN', 'RoI' or 'issue'
+    group: str        # 'FPN', 'RoI', 'small map' or 'custom'
     name: str
     n: int
     cin: int
@@ -101,20 +107,20 @@ def roi_shapes(rois=(64, 128, 256, 512), sizes=(7, 14)):
             for s in sizes for r in rois]
 
 
-def issue_shapes():
-    """The shapes the performance issue measured the official algorithm at (2.3x, 2.7x BN)."""
-    return [ConvShape('issue', 'issue 3x3', 2, 256, 256, 32, 32, 3),
-            ConvShape('issue', 'issue 1x1', 2, 256, 256, 32, 32, 1)]
+def small_map_shapes():
+    """A small 32x32 map at batch 2, 256 channels, 3x3 and 1x1: where per-op overhead weighs most."""
+    return [ConvShape('small map', 'small map 3x3', 2, 256, 256, 32, 32, 3),
+            ConvShape('small map', 'small map 1x1', 2, 256, 256, 32, 32, 1)]
 
 
 def default_shapes(full=False):
     """``--full``: every FPN level at batch 1, 2, 4 (3x3 and 1x1) and every RoI shape; else a subset
-    that a 2-core CPU runs in minutes (the small FPN levels at batch 2, the smallest RoI batches). Both
-    include the target shapes (the third, 64 RoIs x 256 x 14 x 14, is the mask-head shape)."""
+    that a 2-core CPU runs in minutes (the small FPN levels at batch 2, the smallest RoI batches, 64 RoIs
+    at the mask head's 14x14). Both end with :func:`small_map_shapes`."""
     if full:
-        return fpn_shapes() + roi_shapes() + issue_shapes()
+        return fpn_shapes() + roi_shapes() + small_map_shapes()
     return (fpn_shapes(batches=(2,), levels=('P4', 'P5'))
-            + roi_shapes(rois=(64,), sizes=(7, 14)) + roi_shapes(rois=(256,), sizes=(7,)) + issue_shapes())
+            + roi_shapes(rois=(64,), sizes=(7, 14)) + roi_shapes(rois=(256,), sizes=(7,)) + small_map_shapes())
 
 
 @dataclass
@@ -125,10 +131,11 @@ class Case:
     optimizer: torch.optim.Optimizer
     pass_weight: bool = False
 
-    def forward_backward(self, x, grad):
+    def forward_backward(self, x, grad, relu=True):
         y = self.conv(x)
-        z = self.norm(y, self.conv.weight) if self.pass_weight else self.norm(y)
-        out = torch.relu(z)
+        out = self.norm(y, self.conv.weight) if self.pass_weight else self.norm(y)
+        if relu:
+            out = torch.relu(out)
         out.backward(grad)
 
     def optimizer_step(self):
@@ -136,8 +143,10 @@ class Case:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def build_norm(norm_name, channels, conv, batch):
-    """The norm module of a case; binds CBN to ``conv``. Returns ``(norm, pass_weight)``."""
+def build_norm(norm_name, channels, conv, batch, official=None):
+    """The norm module of a case; binds CBN to ``conv``. Returns ``(norm, pass_weight)``.
+
+    ``official``: the factory of the ``CBN-official`` case (see the module doc)."""
     if norm_name == 'BN':
         return nn.BatchNorm2d(channels), False
     if norm_name == 'BN+wgrad':
@@ -156,15 +165,18 @@ def build_norm(norm_name, channels, conv, batch):
         bind_cbn_to_conv(norm, conv)
         return norm, False
     if norm_name == 'CBN-official':
-        return OfficialAlgorithmCBN(channels, buffer_num=BUFFER_NUM), True
+        if official is None:
+            raise ValueError("norm 'CBN-official': no official-algorithm factory given (official=None); pass "
+                             'official=callable(num_features, buffer_num) or leave the case out')
+        return official(channels, buffer_num=BUFFER_NUM), True
     raise ValueError(f'unknown norm {norm_name!r}; choose from {", ".join(NORMS)}')
 
 
-def build_case(norm_name, shape, device='cpu', lr=1e-3, seed=0):
+def build_case(norm_name, shape, device='cpu', lr=1e-3, seed=0, official=None):
     torch.manual_seed(seed)
     conv_cls = CenteredConv2d if norm_name == 'MABN' else nn.Conv2d
     conv = conv_cls(shape.cin, shape.cout, shape.k, padding=shape.k // 2, bias=False)
-    norm, pass_weight = build_norm(norm_name, shape.cout, conv, shape.n)
+    norm, pass_weight = build_norm(norm_name, shape.cout, conv, shape.n, official)
     conv.to(device).train()
     norm.to(device).train()
     params = list(conv.parameters()) + list(norm.parameters())
@@ -179,6 +191,8 @@ class NormResult:
     times_s: list = field(default_factory=list)
     state_bytes: int = 0             # persistent state of the norm layer (see memory.module_state_bytes)
     peak_bytes: int = None           # peak memory allocated during one training step (None: not measured)
+    ops: int = None                  # top-level aten ops of one forward + backward, conv included
+    ops_without_conv: int = None     # the same minus those of a plain conv's forward + backward
 
     @property
     def median_s(self):
@@ -203,14 +217,41 @@ class _Timer:
         return time.perf_counter() - start
 
 
+def _fresh_grads(case, x):
+    x.grad = None
+    for p in list(case.conv.parameters()) + list(case.norm.parameters()):
+        p.grad = None
+
+
+def case_op_counts(case, x, grad):
+    """Top-level aten ops of one forward + backward of ``case`` (window full when called after the
+    warm-up): ``(conv included, conv excluded)``. *Excluded* subtracts the ops of a plain ``nn.Conv2d``
+    of the same geometry (no hooks, so a layer's conv hooks and MABN's weight centring count as the
+    norm's); gradients are cleared before each count so that both see fresh accumulation."""
+    conv = case.conv
+    plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                      padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=False)
+    plain.to(device=conv.weight.device, dtype=conv.weight.dtype)
+    x.grad = None
+    _, conv_counts = count_aten_ops(lambda: plain(x).backward(grad))
+    _fresh_grads(case, x)
+    _, counts = count_aten_ops(case.forward_backward, x, grad, relu=False)
+    x.grad = None
+    included = sum(counts.values())
+    return included, included - sum(conv_counts.values())
+
+
 def run_shape(shape, norms=DEFAULT_NORMS, repeats=10, warmup=None, device='cpu', measure_peak=True,
-              seed=0, log=None):
-    """Benchmark every norm of ``norms`` on one shape; return ``{norm_name: NormResult}``."""
+              seed=0, log=None, official=None, count_ops=True):
+    """Benchmark every norm of ``norms`` on one shape; return ``{norm_name: NormResult}``.
+
+    ``official``: the factory of the ``CBN-official`` case (module doc); ``count_ops``: also count each
+    case's aten ops per step (:func:`case_op_counts`, after the timed steps)."""
     warmup = BUFFER_NUM + 2 if warmup is None else max(warmup, BUFFER_NUM + 1)   # CBN window full
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(shape.n, shape.cin, shape.h, shape.w, generator=gen).to(device).requires_grad_()
     grad = torch.randn(shape.n, shape.cout, shape.h, shape.w, generator=gen).to(device)
-    cases = [build_case(name, shape, device, seed=seed) for name in norms]
+    cases = [build_case(name, shape, device, seed=seed, official=official) for name in norms]
     results = {case.norm_name: NormResult(shape, case.norm_name) for case in cases}
     timer = _Timer(device)
 
@@ -230,6 +271,9 @@ def run_shape(shape, norms=DEFAULT_NORMS, repeats=10, warmup=None, device='cpu',
     for case in cases:
         result = results[case.norm_name]
         result.state_bytes = module_state_bytes(case.norm)
+        if count_ops:
+            result.ops, result.ops_without_conv = case_op_counts(case, x, grad)
+            case.optimizer_step()
         if measure_peak:
             result.peak_bytes = peak_step_bytes(lambda: step(case), device)
             case.optimizer_step()
@@ -239,9 +283,10 @@ def run_shape(shape, norms=DEFAULT_NORMS, repeats=10, warmup=None, device='cpu',
 
 
 def run_norm_benchmark(shapes, norms=DEFAULT_NORMS, repeats=10, warmup=None, device='cpu', measure_peak=True,
-                       log=None):
+                       log=None, official=None, count_ops=True):
     """Run :func:`run_shape` on every shape; return a list of ``{norm_name: NormResult}`` (one per shape)."""
-    return [run_shape(shape, norms, repeats, warmup, device, measure_peak, log=log) for shape in shapes]
+    return [run_shape(shape, norms, repeats, warmup, device, measure_peak, log=log, official=official,
+                      count_ops=count_ops) for shape in shapes]
 
 
 # ---------------------------------------------------------------------------------------------- reports
@@ -251,12 +296,16 @@ def _ratio(results, name, ref='BN'):
     return results[name].median_s / results[ref].median_s
 
 
+def _shape_of(results):
+    return next(iter(results.values())).shape
+
+
 def time_rows(all_results, norms):
-    """Rows ``shape | <norm> ms (×BN) ... | official/ours``."""
+    """Rows ``shape | <norm> ms (×BN) ... | official/ours | CBN − floor``: the last is CBN's distance to its
+    compute floor (``BN+wgrad``: conv + BN + one weight-gradient), in units of the conv+BN step."""
     rows = []
     for results in all_results:
-        shape = next(iter(results.values())).shape
-        row = [shape.label]
+        row = [_shape_of(results).label]
         for name in norms:
             if name not in results:
                 row.append('')
@@ -266,9 +315,23 @@ def time_rows(all_results, norms):
             row.append(f'{ms:.1f}' if name == 'BN' or ratio is None else f'{ms:.1f} ({ratio:.2f}x)')
         ours, official = results.get('CBN'), results.get('CBN-official')
         row.append(f'{official.median_s / ours.median_s:.2f}x' if ours and official else '')
+        cbn, floor = _ratio(results, 'CBN'), _ratio(results, 'BN+wgrad')
+        row.append(f'{cbn - floor:+.2f}' if cbn is not None and floor is not None else '')
         rows.append(row)
     return ['conv shape'] + [f'{n} ms' + ('' if n == 'BN' else ' (x BN)') for n in norms] + \
-        ['official / ours'], rows
+        ['official / ours', 'CBN − floor (x BN)'], rows
+
+
+def op_rows(all_results, norms):
+    """Rows ``shape | <norm> ops without conv / with conv ...`` (top-level aten ops of one training step)."""
+    rows = []
+    for results in all_results:
+        row = [_shape_of(results).label]
+        for name in norms:
+            res = results.get(name)
+            row.append(f'{res.ops_without_conv} / {res.ops}' if res is not None and res.ops is not None else '')
+        rows.append(row)
+    return ['conv shape'] + [f'{n} ops' for n in norms], rows
 
 
 def memory_rows(all_results):
@@ -277,7 +340,7 @@ def memory_rows(all_results):
     from .report import fmt_bytes
     rows = []
     for results in all_results:
-        shape = next(iter(results.values())).shape
+        shape = _shape_of(results)
         bn = results.get('BN')
         if bn is None:
             continue
@@ -304,10 +367,10 @@ def memory_rows(all_results):
     return header, rows
 
 
-def profile_case(norm_name, shape, steps=5, device='cpu', row_limit=15, seed=0):
+def profile_case(norm_name, shape, steps=5, device='cpu', row_limit=15, seed=0, official=None):
     """torch.profiler table (self CPU time) of ``steps`` warmed-up training steps of one case."""
     from torch.profiler import ProfilerActivity, profile
-    case = build_case(norm_name, shape, device, seed=seed)
+    case = build_case(norm_name, shape, device, seed=seed, official=official)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(shape.n, shape.cin, shape.h, shape.w, generator=gen).to(device).requires_grad_()
     grad = torch.randn(shape.n, shape.cout, shape.h, shape.w, generator=gen).to(device)

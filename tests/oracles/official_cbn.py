@@ -3,9 +3,12 @@
 Written from the official step list (docs/papers.md, "Official behaviour we match"), deliberately
 naive: Python lists for the window (newest first), two ``torch.autograd.grad`` calls per iteration
 for dμ/dW and dν/dW, per-entry loops, no guard for an empty window.
-It is the oracle our layer must match to float64 precision.
+It is the oracle our layer must match to float64 precision, and (as :class:`OfficialCBNModule`, in
+float32) the "official algorithm" that ``tools/benchmark_norm.py`` and ``tools/benchmark_model.py`` time
+next to ours: the benchmark library takes it as an injected factory and never imports this package.
 """
 import torch
+import torch.nn as nn
 
 
 class OfficialCBNReference:
@@ -73,3 +76,36 @@ class OfficialCBNReference:
         shape = (1, -1, 1, 1)
         x_hat = (x - mean.view(shape)) / (var.sqrt().view(shape) + self.eps)
         return x_hat * gamma.view(shape) + beta.view(shape)
+
+
+class OfficialCBNModule(nn.Module):
+    """:class:`OfficialCBNReference` as a module with its own affine parameters, called like the official
+    layer: ``forward(x, conv_weight)``. Training forward only (the benchmarks train); the eval forward is
+    the official one, ``(x - running_mean) / (sqrt(running_var) + eps)``.
+
+    Args:
+        num_features (int): channels ``C``.
+        buffer_num (int): past iterations kept. Default: 3.
+        dtype (torch.dtype): of the running statistics. Default: float32.
+        **kwargs: ``eps``, ``momentum``, ``rho``, ``burnin``, ... of :class:`OfficialCBNReference`.
+    """
+
+    def __init__(self, num_features, buffer_num=3, dtype=torch.float32, **kwargs):
+        super().__init__()
+        self.num_features = num_features
+        self.weight = nn.Parameter(torch.ones(num_features, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(num_features, dtype=dtype))
+        self.reference = OfficialCBNReference(num_features, buffer_num=buffer_num, dtype=dtype, **kwargs)
+
+    def state_tensors(self):
+        """The tensors the layer keeps between steps: running statistics and the Python-list window."""
+        ref = self.reference
+        return [ref.running_mean, ref.running_var] + [t for entry in ref.entries for t in entry]
+
+    def forward(self, x, weight):
+        ref = self.reference
+        if not self.training:
+            shape = (1, -1, 1, 1)
+            x_hat = (x - ref.running_mean.view(shape)) / (ref.running_var.sqrt().view(shape) + ref.eps)
+            return x_hat * self.weight.view(shape) + self.bias.view(shape)
+        return ref(x, weight, self.weight, self.bias)
