@@ -76,10 +76,11 @@ def test_bn_op_count_is_bn_alone_plus_a_plain_conv():
     results = run_shape(TINY, ('BN',), repeats=1, warmup=4, measure_peak=False)['BN']
     gen = torch.Generator().manual_seed(3)
     y = torch.randn(TINY.n, TINY.cout, TINY.h, TINY.w, generator=gen, requires_grad=True)
-    _, bn_counts = count_aten_ops(lambda: nn.BatchNorm2d(TINY.cout)(y).backward(torch.ones_like(y)))
+    grad, bn = torch.ones_like(y), nn.BatchNorm2d(TINY.cout)
+    _, bn_counts = count_aten_ops(lambda: bn(y).backward(grad))
     x = torch.randn(TINY.n, TINY.cin, TINY.h, TINY.w, generator=gen, requires_grad=True)
     conv = nn.Conv2d(TINY.cin, TINY.cout, TINY.k, padding=TINY.k // 2, bias=False)
-    _, conv_counts = count_aten_ops(lambda: conv(x).backward(torch.ones_like(y)))
+    _, conv_counts = count_aten_ops(lambda: conv(x).backward(grad))
     assert results.ops_without_conv == sum(bn_counts.values())
     assert results.ops == sum(bn_counts.values()) + sum(conv_counts.values())
 
