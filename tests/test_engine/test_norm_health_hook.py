@@ -1,5 +1,6 @@
 """NormHealthHook names the layer and the iteration where a NaN/Inf reached a norm."""
 import types
+from collections import Counter
 
 import pytest
 import torch
@@ -64,3 +65,27 @@ def test_log_instead_of_raise_and_interval():
 def test_bad_interval():
     with pytest.raises(ValueError, match='interval must be an int >= 1, got 0'):
         NormHealthHook(interval=0)
+
+
+# Entry points of a device-to-host read; aten::to's own copy kernels (_to_copy, copy_) are its children.
+HOST_READS = ('aten::to', 'aten::item', 'aten::_local_scalar_dense')
+
+
+def _host_reads_of_one_check(layers, device):
+    model = nn.Sequential(*[nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)) for _ in range(layers)])
+    model.to(device)
+    runner = _runner(model)
+    hook = NormHealthHook()
+    hook.before_train(runner)
+    model(torch.randn(2, 4, 5, 5, device=device))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        hook.after_train_iter(runner, 0)
+    names = Counter(event.name for event in prof.events())
+    return sum(names[name] for name in HOST_READS)
+
+
+@pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason='needs CUDA'))])
+def test_one_host_read_per_check_whatever_the_layer_count(device):
+    """All layers' flags are stacked on the device and read once (before: one copy per layer)."""
+    assert [_host_reads_of_one_check(n, device) for n in (1, 3, 9)] == [1, 1, 1]

@@ -4,8 +4,9 @@ A NaN in one batch poisons BN running statistics (and, in the official CBN, the 
 usually shows up hours later as a NaN loss with no hint of where it started. CBN layers here refuse to
 update their state from non-finite statistics (``num_nonfinite`` counts it); this hook makes every such
 event loud for all norm layers: a forward pre-hook records, as a device tensor (no host sync), whether
-each norm layer saw a non-finite input, and after each checked iteration one host read of all flags
-raises (or logs) with the layer names and the iteration.
+each norm layer saw a non-finite input, and after each checked iteration the flags of all layers are
+stacked on the device and read with one host transfer, which raises (or logs) with the layer names and
+the iteration.
 """
 import torch
 import torch.nn as nn
@@ -60,11 +61,16 @@ class NormHealthHook(Hook):
         return record
 
     def bad_layers(self):
-        """Names of the layers that saw a non-finite input since the last check (one host read)."""
+        """Names of the layers that saw a non-finite input since the last check.
+
+        The flags are stacked on their device and read with one host transfer per check, whatever the
+        number of layers (flags on several devices are first gathered on the first one's)."""
         seen = [(i, f) for i, f in enumerate(self._flags) if f is not None]
         if not seen:
             return []
-        flags = torch.stack([f.to('cpu', non_blocking=False) for _, f in seen]).tolist()
+        device = seen[0][1].device
+        stacked = torch.stack([f if f.device == device else f.to(device) for _, f in seen])
+        flags = stacked.cpu().tolist()          # the one device-to-host copy
         self._flags = [None] * len(self._flags)
         return [self._names[i] for (i, _), bad in zip(seen, flags) if bad]
 
