@@ -4,9 +4,11 @@ The package's library functions take plain arguments; only the tools parse ``sys
 """
 import argparse
 import os
+import os.path as osp
 
 __all__ = ['add_launcher_args', 'set_local_rank_env', 'add_cfg_options_arg', 'parse_mmdet_tool_args', 'int_list',
-           'float_list', 'choice_list', 'config_overrides', 'config_error_exit', 'add_study_args', 'study_config']
+           'float_list', 'choice_list', 'config_overrides', 'config_error_exit', 'add_study_args', 'study_config',
+           'run_converter']
 
 LAUNCHERS = ('none', 'pytorch', 'slurm', 'mpi')
 
@@ -103,3 +105,25 @@ def study_config(config_cls, args, options):
     ``--threads``) override the defaults, or the quick run's with ``--quick``."""
     overrides = dict(config_overrides(args, (*options, 'threads')), out=args.out, dataset=args.dataset)
     return config_cls.quick(**overrides) if args.quick else config_cls(**overrides)
+
+
+def run_converter(src, dst, convert):
+    """The flow of every ``tools/model_converters`` script: read the released checkpoint ``src``, apply
+    ``convert`` (``{key: tensor} -> {key: tensor}``, including any check against the target model), write
+    ``dst`` as an mmengine checkpoint (``meta.converted_from`` = the source's file name) and say so.
+
+    A :class:`~cbn_mmdet.converters.ConversionError` (reading or converting) exits with one line,
+    ``<src>: <what is wrong>``, before anything is written. Returns the converted dict.
+    """
+    from ..converters import ConversionError, load_state_dict, save_state_dict
+    try:
+        state_dict = load_state_dict(src)
+    except ConversionError as error:
+        raise SystemExit(str(error)) from None          # its message starts with the file's name
+    try:
+        converted = convert(state_dict)
+    except ConversionError as error:
+        raise SystemExit(f'{src}: {error}') from None
+    save_state_dict(converted, dst, meta=dict(converted_from=osp.basename(src)))
+    print(f'wrote {dst} ({len(converted)} tensors)')
+    return converted

@@ -55,3 +55,14 @@ def test_cbn_tool_against_the_config(tmp_path):
     torch.save({'state_dict': _v06_checkpoint(target), 'meta': {}}, src)
     _tool('cbn_v06_to_mmdet').main([str(src), str(CONFIG), str(dst)])
     _build().load_state_dict(torch.load(dst, weights_only=True)['state_dict'], strict=True)
+
+
+@pytest.mark.parametrize('name, with_config', [('bcn_ws_to_mmdet', False), ('mabn_to_mmdet', False),
+                                               ('cbn_v06_to_mmdet', True)])
+def test_every_tool_refuses_a_non_dict_checkpoint_in_one_line(tmp_path, name, with_config):
+    src, dst = tmp_path / 'list.pth', tmp_path / 'out.pth'
+    torch.save([torch.zeros(1)], src)
+    with pytest.raises(SystemExit) as exit_info:
+        _tool(name).main([str(src), str(CONFIG), str(dst)] if with_config else [str(src), str(dst)])
+    assert str(exit_info.value) == f'{src}: expected a dict checkpoint, got list'
+    assert not dst.exists()

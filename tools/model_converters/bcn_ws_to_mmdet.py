@@ -15,14 +15,9 @@ from importlib.util import find_spec
 if find_spec('cbn_mmdet') is None:   # run from a checkout, uninstalled
     sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
-from cbn_mmdet.converters import (  # noqa: E402
-    ConversionError,
-    check_against_target,
-    convert_bcn_ws_resnet,
-    load_state_dict,
-    save_state_dict,
-)
+from cbn_mmdet.converters import check_against_target, convert_bcn_ws_resnet  # noqa: E402
 from cbn_mmdet.converters.bcn_ws import build_bcn_ws_resnet  # noqa: E402
+from cbn_mmdet.utils.cli import run_converter  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -35,13 +30,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        converted = convert_bcn_ws_resnet(load_state_dict(args.src))
-        converted = check_against_target(converted, build_bcn_ws_resnet(args.depth).state_dict())
-    except ConversionError as error:
-        sys.exit(f'{args.src}: {error}')
-    save_state_dict(converted, args.dst, meta=dict(converted_from=osp.basename(args.src)))
-    print(f'wrote {args.dst} ({len(converted)} tensors)')
+    run_converter(args.src, args.dst, lambda state: check_against_target(
+        convert_bcn_ws_resnet(state), build_bcn_ws_resnet(args.depth).state_dict()))
 
 
 if __name__ == '__main__':

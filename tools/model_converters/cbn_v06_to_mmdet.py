@@ -14,13 +14,9 @@ from importlib.util import find_spec
 if find_spec('cbn_mmdet') is None:   # run from a checkout, uninstalled
     sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 
-from cbn_mmdet.converters import (  # noqa: E402
-    ConversionError,
-    convert_cbn_v06_detector,
-    load_state_dict,
-    save_state_dict,
-)
+from cbn_mmdet.converters import convert_cbn_v06_detector  # noqa: E402
 from cbn_mmdet.converters.cbn_detector import build_config_model  # noqa: E402
+from cbn_mmdet.utils.cli import run_converter  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -33,13 +29,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        target = build_config_model(args.config).state_dict()
-        converted = convert_cbn_v06_detector(load_state_dict(args.src), target)
-    except ConversionError as error:
-        sys.exit(f'{args.src}: {error}')
-    save_state_dict(converted, args.dst, meta=dict(converted_from=osp.basename(args.src)))
-    print(f'wrote {args.dst} ({len(converted)} tensors)')
+    run_converter(args.src, args.dst, lambda state: convert_cbn_v06_detector(
+        state, build_config_model(args.config).state_dict()))
 
 
 if __name__ == '__main__':
