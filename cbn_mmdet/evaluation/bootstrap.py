@@ -21,7 +21,7 @@ image-sampling noise when that interval excludes 0.
 """
 import numpy as np
 
-__all__ = ['ImageMatches', 'bootstrap_indices', 'resampled_ap', 'percentile_interval', 'bootstrap_ap',
+__all__ = ['ImageMatches', 'bootstrap_indices', 'resampled_ap', 'resampled_aps', 'percentile_interval', 'bootstrap_ap',
            'paired_difference', 'AP_KEYS']
 
 # key -> index of the IoU threshold (None = mean over the ten thresholds 0.50:0.05:0.95)
@@ -185,11 +185,17 @@ def bootstrap_indices(num_images, num_samples=1000, seed=0):
     return rng.integers(0, num_images, size=(num_samples, num_images))
 
 
+def resampled_aps(matches, samples):
+    """Every AP of :data:`AP_KEYS` of ``matches`` on each resample: ``{key: array (len(samples),)}``."""
+    per_sample = [matches.ap(s) for s in samples]
+    return {key: np.array([ap[key] for ap in per_sample]) for key in AP_KEYS}
+
+
 def resampled_ap(matches, samples, key='AP'):
     """The AP ``key`` of ``matches`` on each resample: an array of shape ``(len(samples),)``."""
     if key not in AP_KEYS:
         raise ValueError(f'bootstrap: key must be one of {list(AP_KEYS)}, got {key!r}')
-    return np.array([matches.ap(s)[key] for s in samples])
+    return resampled_aps(matches, samples)[key]
 
 
 def percentile_interval(values, level=0.95):
@@ -218,11 +224,11 @@ def bootstrap_ap(matches, num_samples=1000, seed=0, level=0.95, keys=('AP', 'AP5
     group = list(matches) if isinstance(matches, (list, tuple)) else [matches]
     _check_same_images(group)
     samples = bootstrap_indices(group[0].num_images, num_samples, seed)
+    draws = [resampled_aps(m, samples) for m in group]
     out = {}
     for key in keys:
         value = float(np.mean([m.ap()[key] for m in group]))
-        draws = np.mean([resampled_ap(m, samples, key) for m in group], axis=0)
-        out[key] = (value, *percentile_interval(draws, level))
+        out[key] = (value, *percentile_interval(np.mean([d[key] for d in draws], axis=0), level))
     return out
 
 

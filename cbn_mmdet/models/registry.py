@@ -17,7 +17,7 @@ The name lists other code needs (which types are CBN, which synchronise over pro
 import torch.nn as nn
 from mmengine.registry import HOOKS, MODELS
 
-from ..engine.hooks import CBNBurnInHook, NonFiniteLossHook, NormHealthHook, RNGStateHook
+from ..engine.hooks import CBNBurnInHook, NonFiniteLossHook, NormHealthHook, PreciseBNHook, RNGStateHook
 from ..ops import (
     BatchChannelNorm2d,
     BatchRenorm2d,
@@ -49,6 +49,7 @@ HOOK_TYPES = {
     'CBNBurnInHook': CBNBurnInHook,
     'NonFiniteLossHook': NonFiniteLossHook,
     'NormHealthHook': NormHealthHook,
+    'PreciseBNHook': PreciseBNHook,
     'RNGStateHook': RNGStateHook,
 }
 # Names we take over from mmcv on purpose (see the module docstring); any other clash is an error.
