@@ -89,12 +89,15 @@ def build_detector(variant, config_dir, device='cpu', rois_per_image=None, offic
         _set_norm(cfg, norm_cfg)
     model = MODELS.build(cfg.model)
     if change == 'official':
-        bound = bind_cbn_convs(model)
-        for name, conv in bound.items():
+        bind_cbn_convs(model)              # the layers not bound when the model was built
+        cbn_layers = [(name, m) for name, m in model.named_modules() if isinstance(m, CrossIterationBatchNorm2d)]
+        for name, cbn in cbn_layers:
+            if cbn.bound_conv is None:
+                raise RuntimeError(f"CBN layer '{name}' has no bound conv: cannot replace it by the official one")
             parent_name, _, child = name.rpartition('.')
-            parent = model.get_submodule(parent_name)
-            setattr(parent, child, _OfficialCBNAdapter(getattr(parent, child), conv, official))
-        assert not any(isinstance(m, CrossIterationBatchNorm2d) and m.buffer_num for m in model.modules())
+            setattr(model.get_submodule(parent_name), child, _OfficialCBNAdapter(cbn, cbn.bound_conv, official))
+        if not cbn_layers:
+            raise RuntimeError(f'variant {variant!r}: the config builds no CBN layer to replace')
     return model.to(device).train()
 
 
