@@ -220,7 +220,7 @@ class Harness:
         outputs = []
         model.train()
         for i, (x, target) in enumerate(batches):
-            x = x.to(device=device, dtype=dtype or torch.float32)
+            x = x.detach().to(device=device, dtype=dtype or torch.float32)     # a fresh leaf every run
             if mode == 'channels_last':
                 x = x.contiguous(memory_format=torch.channels_last)
             x.requires_grad_()

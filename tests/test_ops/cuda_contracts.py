@@ -191,11 +191,40 @@ class CudaContractMode(TorchDispatchMode):
         # batch_norm_backward_elemt_cuda / _reduce_cuda: "mean and invstd need to have the same data types".
         if stats[0].dtype != stats[1].dtype:
             self._fail('batch-norm statistics', f'{name}: mean {stats[0].dtype} and invstd {stats[1].dtype}')
+        if self._channels_last_kernel(name, args):
+            # The channels-last templates read mean/invstd through const_data_ptr<accscalar_t>().
+            if stats[0].dtype != _acc_type(x.dtype):
+                self._fail('batch-norm statistics', f'{name}: statistics {stats[0].dtype} with a channels-last '
+                           f'{x.dtype} input (the channels-last kernel reads {_acc_type(x.dtype)})')
+            # batch_norm_backward_elemt_cuda picks that kernel from grad_output's layout alone ("Input is
+            # guaranteed to be channels-last compatible"): a contiguous input would be read in the wrong order.
+            if name == 'aten.batch_norm_backward_elemt.default' and not _uses_channels_last_kernels(args[1]):
+                self._fail('batch-norm channels_last', f'{name}: channels-last grad_out with an input of strides '
+                           f'{args[1].stride()} (read as channels-last)')
+            return
         # The accscalar_t template is chosen only for (half|bf16 input, float32 statistics); otherwise the
         # statistics are read with the input's type.
         want = {x.dtype, torch.float32} if x.dtype in _REDUCED else {x.dtype}
         if stats[0].dtype not in want:
             self._fail('batch-norm statistics', f'{name}: statistics {stats[0].dtype} with input {x.dtype}')
+
+    @staticmethod
+    def _channels_last_kernel(name, args):
+        """Does the CUDA op take its channels-last template (the conditions of Normalization.cu)?"""
+        if name == 'aten.batch_norm_elemt.default':
+            return _uses_channels_last_kernels(args[0]) and all(
+                t is None or t.is_contiguous() for t in (args[1], args[2], args[3], args[4]))
+        if name == 'aten.batch_norm_backward_elemt.default':
+            return _uses_channels_last_kernels(args[0])
+        weight = args[4]
+        return (_uses_channels_last_kernels(args[0]) and _uses_channels_last_kernels(args[1])
+                and (weight is None or weight.is_contiguous()) and args[2].is_contiguous() and args[3].is_contiguous())
+
+
+def _uses_channels_last_kernels(t):
+    # Normalization.cu batch_norm_use_channels_last_kernels().
+    return t.dim() == 4 and (t.is_contiguous(memory_format=torch.channels_last)
+                             or (t.is_contiguous() and t.stride()[1] == 1))
 
 
 # ---------------------------------------------------------------------- layer cases

@@ -118,6 +118,7 @@ def test_rule_backward_grad_dtype_and_save_dtype():
 
 
 def test_rule_statistics_kernels():
+    """These kernels are CUDA-only in torch (no CPU kernel to call): the rule is fed their arguments."""
     x = torch.randn(2, 3, 4, 4, dtype=torch.float16)
     rules = CudaContractMode()
     stats = [torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)]
@@ -126,6 +127,16 @@ def test_rule_statistics_kernels():
     with pytest.raises(CudaContractError, match='mean torch.float32 and invstd torch.float64'):
         rules._rule_bn_stat_kernels('aten.batch_norm_backward_elemt.default',
                                     [x, x, torch.zeros(3), torch.ones(3, dtype=torch.float64)])
+    half_stats = [torch.zeros(3, dtype=torch.float16), torch.ones(3, dtype=torch.float16)]
+    rules._rule_bn_stat_kernels('aten.batch_norm_elemt.default', [x, None, None, *half_stats, 1e-5])
+    x_cl = x.to(memory_format=torch.channels_last)
+    with pytest.raises(CudaContractError, match='channels-last'):   # that kernel reads float32 statistics
+        rules._rule_bn_stat_kernels('aten.batch_norm_elemt.default', [x_cl, None, None, *half_stats, 1e-5])
+    float_stats = [torch.zeros(3), torch.ones(3)]
+    with pytest.raises(CudaContractError, match='channels-last grad_out with an input of strides'):
+        rules._rule_bn_stat_kernels('aten.batch_norm_backward_elemt.default', [x_cl, x, *float_stats])
+    rules._rule_bn_stat_kernels('aten.batch_norm_backward_elemt.default', [x_cl, x_cl, *float_stats])
+    rules._rule_bn_stat_kernels('aten.batch_norm_backward_reduce.default', [x_cl, x_cl, *float_stats, None])
 
 
 @pytest.mark.parametrize('call', [
