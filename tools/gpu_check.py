@@ -8,6 +8,7 @@ box); run it from a checkout (the official algorithm it times is the test oracle
 
     python tools/gpu_check.py                 # on CUDA: everything (< 3 min on one GPU)
     python tools/gpu_check.py --quick         # fewer steps and layers (every layer still in fp32)
+    python tools/gpu_check.py --only parity   # the checks whose name contains 'parity' (--skip: all others)
 
 Without CUDA it is a dry run: float32/bf16/fp16-autocast/channels_last CPU runs against float64,
 ``GradScaler('cpu')`` overflow steps and torch.compile (inductor when a C++ compiler exists, else
@@ -81,6 +82,7 @@ def parse_args(argv=None):
     parser.add_argument('--device', default=None, help='device to check (default: cuda if available, else cpu)')
     parser.add_argument('--steps', type=int, default=None, help='SGD steps per parity run (default 20, quick 4)')
     parser.add_argument('--only', default=None, help='run only the checks whose name contains this text')
+    parser.add_argument('--skip', default=None, help='skip the checks whose name contains this text')
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < 2:
         parser.error(f'--steps must be >= 2, got {args.steps}')
@@ -100,12 +102,12 @@ def _block_openmmlab():
 
 class Report:
 
-    def __init__(self, only=None):
-        self.only = only
+    def __init__(self, only=None, skip=None):
+        self.only, self.skip = only, skip
         self.counts = {'PASS': 0, 'FAIL': 0, 'SKIP': 0, 'XFAIL': 0}
 
     def wanted(self, check):
-        return self.only is None or self.only in check
+        return (self.only is None or self.only in check) and (self.skip is None or self.skip not in check)
 
     def line(self, status, check, detail):
         known = KNOWN_FAILURES.get(check)
@@ -575,7 +577,7 @@ def main(argv=None):
     import torch
     if importlib.util.find_spec('cbn_mmdet') is None:
         sys.path.insert(0, ROOT)
-    report = Report(args.only)
+    report = Report(args.only, args.skip)
     try:
         import cbn_mmdet.ops as ops
     except ImportError as exc:
