@@ -70,7 +70,7 @@ KNOWN_FAILURES = {
 
 MODES = ('fp32', 'fp16_autocast', 'bf16_autocast', 'channels_last')
 # Relative error allowed against float64 after all steps (TF32 is off for the float32 modes).
-TOLERANCE = {'fp32': 1e-4, 'channels_last': 1e-4, 'fp16_autocast': 2e-2, 'bf16_autocast': 5e-2}
+TOLERANCE = {'fp32': 1e-4, 'channels_last': 1e-4, 'fp16_autocast': 3e-2, 'bf16_autocast': 5e-2}
 C_IN, C_OUT, SIZE, BATCH = 4, 8, 8, 2
 # --quick: every layer in fp32, these also in the other modes and through the GradScaler checks.
 QUICK_LAYERS = ('cbn_window', 'sync_cbn', 'sync_bn', 'bcn_wsconv', 'mabn_cenconv', 'brn')
