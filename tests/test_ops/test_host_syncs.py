@@ -64,3 +64,29 @@ def test_count_of_sync_weighted_mean_is_made_without_a_host_copy():
     stats = torch.randn(4), torch.randn(4)
     names = _profiled_names(lambda: sync_weighted_mean(stats, 12))
     assert not names & SYNC_OPS, sorted(names & SYNC_OPS)
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A gloo process group of world size 1 in this process (the CPU path ours takes with a group)."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        pytest.skip('a process group is already initialised in this process')
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path / "store"}', rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize('name', [
+    'sync_bn', 'sync_cbn',
+    pytest.param('sync_bn_momentum_none', marks=pytest.mark.xfail(strict=True, reason=(
+        'ops/sync_bn.py:218 SyncBatchNorm.forward (a one-member group on CPU): '
+        '1.0 / num_batches_tracked.item() for momentum=None'))),
+])
+def test_no_host_sync_in_a_one_process_group(name, one_process_group):
+    model = build_case(name)
+    optimizer = train_steps(model, WARM_STEPS)
+    names = _profiled_names(lambda: train_steps(model, 1, optimizer=optimizer, start=WARM_STEPS))
+    assert not names & SYNC_OPS, sorted(names & SYNC_OPS)
