@@ -320,6 +320,9 @@ def check_syncs(h, name, mode):
     batches = [(x.to(h.device), t.to(h.device)) for x, t in h.batches(6)]
     h.train(model, batches[:3], mode=mode, optimizer=optimizer)      # lazy initialisation, momentum buffers
     x_eval = batches[0][0].float()
+    model.eval()
+    with torch.no_grad(), h.autocast(mode):      # the eval path's first call outside the checked region too
+        model(x_eval)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode('error')
     try:
