@@ -608,7 +608,7 @@ def main(argv=None):
         name = torch.cuda.get_device_name(torch.device(device))
         print(f'# device {device} ({name}), torch {torch.__version__}, CUDA {torch.version.cuda}', flush=True)
     else:
-        print(f'# dry run on CPU (no CUDA), torch {torch.__version__}: CUDA-only checks SKIP', flush=True)
+        print(f'# dry run on {device}, torch {torch.__version__}: CUDA-only checks SKIP', flush=True)
     h = Harness(torch, ops, device, steps, args.quick)
 
     subset = [name for name in h.cases if name in QUICK_LAYERS] if args.quick else list(h.cases)
