@@ -107,6 +107,19 @@ def test_syncbn_over_copies_of_one_batch_is_bn_on_it(tiny):
         np.testing.assert_allclose(sync[1].double().numpy(), var, rtol=1e-4, atol=1e-7)
 
 
+def test_probe_leaves_the_random_streams_alone(tiny):
+    """The hook's probe forwards (RPN/RoI sampling draws from torch's generator) do not shift the
+    training's random numbers."""
+    import random
+    torch_state, np_state, py_state = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    with ds._isolated_rng():
+        tiny['probe'].run(tiny['two'])
+        np.random.rand(3)
+        random.random()
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    assert np.array_equal(np.random.get_state()[1], np_state[1]) and random.getstate() == py_state
+
+
 def test_union_weighs_batches_by_size():
     a, b = torch.randn(3, 2, 4, 4), torch.randn(1, 2, 4, 4) + 5
     mean, var = ds.union_statistics([a, b])
