@@ -12,8 +12,8 @@
 # - A short schedule (max_epochs below): linear warm-up, x0.1 steps at 8/12 and 11/12 of it (as the
 #   paper's 1x), gradient clipping at 35 (paper); a global batch of 2. AdamW (lr 1e-3) instead of the
 #   paper's SGD: from random init and in 480 iterations (6 epochs, 64 RoIs) it reached about 1.5x the box
-#   AP of SGD (lr 0.02; measured 0.34 vs 0.20-0.25 AP^b). 128 images x 4 epochs (256 iterations), 32 RoIs per
-#   image keep the six variants of `bash tools/demo.sh` within its 10-minute budget on 2 CPU cores.
+#   AP of SGD (lr 0.02; measured 0.34 vs 0.20-0.25 AP^b). 128 images x 4 epochs (256 iterations) and
+#   32 RoIs per image keep the six variants of `bash tools/demo.sh` near its 10-minute budget on 2 cores.
 #   Every variant uses the same schedule.
 # - Run as the paper runs, in miniature: `tools/dist_train.sh CFG 2` (gloo on CPU), one image per process
 #   (global_batch_size 2 is split over the processes), so a per-process norm sees one image. The
