@@ -9,6 +9,7 @@ box); run it from a checkout (the official algorithm it times is the test oracle
     python tools/gpu_check.py                 # on CUDA: everything (< 3 min on one GPU)
     python tools/gpu_check.py --quick         # fewer steps and layers (every layer still in fp32)
     python tools/gpu_check.py --only parity   # the checks whose name contains 'parity' (--skip: all others)
+    python tools/gpu_check.py --list          # the names of the checks
 
 Without CUDA it is a dry run: float32/bf16/fp16-autocast/channels_last CPU runs against float64,
 ``GradScaler('cpu')`` overflow steps and torch.compile (inductor when a C++ compiler exists, else
@@ -83,6 +84,7 @@ def parse_args(argv=None):
     parser.add_argument('--steps', type=int, default=None, help='SGD steps per parity run (default 20, quick 4)')
     parser.add_argument('--only', default=None, help='run only the checks whose name contains this text')
     parser.add_argument('--skip', default=None, help='skip the checks whose name contains this text')
+    parser.add_argument('--list', action='store_true', help='print the names of the checks and exit')
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < 2:
         parser.error(f'--steps must be >= 2, got {args.steps}')
@@ -572,6 +574,43 @@ def _load_official():
     return getattr(module, 'OfficialCBNModule', None)
 
 
+def plan_checks(h, dry):
+    """Every check of this run, in order: ``[(name, fn)]``, ``fn()`` returning ``(status, detail)``."""
+    plan = []
+    subset = [name for name in h.cases if name in QUICK_LAYERS] if h.quick else list(h.cases)
+    for name in h.cases:
+        for mode in MODES:
+            if mode == 'fp32' or name in subset:
+                plan.append((f'parity/{name}/{mode}', lambda n=name, m=mode: check_parity(h, n, m)))
+    for name in h.cases:
+        for mode in ('fp32', 'fp16_autocast'):
+            plan.append((f'syncs/{name}/{mode}', lambda n=name, m=mode: check_syncs(h, n, m)))
+    for name in subset:
+        plan.append((f'amp_inf_grad/{name}', lambda n=name: check_amp_inf_grad(h, n)))
+        plan.append((f'amp_scale_change/{name}', lambda n=name: check_amp_scale_change(h, n)))
+    for name in ('cbn_plain', 'cbn_window', 'cbn_frozen', 'cbn_grad_through_window', 'cbn_momentum_none',
+                 'cbn_wsconv', 'sync_cbn'):
+        if name in subset or name == 'cbn_momentum_none':
+            plan.append((f'amp_inf_batch/{name}', lambda n=name: check_amp_inf_batch(h, n)))
+    results = {}
+    plan.append(('compile/cbn', lambda: check_compile(h, results)))
+    plan.append(('compile_recompiles/cbn', lambda: check_recompiles(h, results)))
+    official = {}
+
+    def timing(norm):
+        if not dry and 'cls' not in official:
+            try:
+                official['cls'] = _load_official()
+            except Exception as exc:   # noqa: BLE001 - the oracle is optional here
+                print(f'# official algorithm not loadable: {type(exc).__name__}: {exc}', flush=True)
+                official['cls'] = None
+        return check_timing(h, norm, official.get('cls'))
+
+    for norm in ('bn', 'gn', 'cbn', 'official'):
+        plan.append((f'timing/{norm}', lambda n=norm: timing(n)))
+    return plan
+
+
 # ---------------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(argv)
@@ -589,8 +628,9 @@ def main(argv=None):
     pulled = [name for name in ('mmcv', 'mmengine', 'mmdet') if sys.modules.get(name) is not None]
     note = (f'; {", ".join(installed)} installed here: a plain `import cbn_mmdet.ops` imports them (the package '
             '__init__ registers the layers when mmengine and mmcv are found)') if installed else ''
-    report.line('FAIL' if pulled else 'PASS', 'import/cbn_mmdet.ops',
-                f'torch {torch.__version__}, mmcv/mmengine/mmdet blocked and not needed{note}')
+    if not args.list:
+        report.line('FAIL' if pulled else 'PASS', 'import/cbn_mmdet.ops',
+                    f'torch {torch.__version__}, mmcv/mmengine/mmdet blocked and not needed{note}')
 
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     if device.startswith('cuda') and not torch.cuda.is_available():
@@ -607,36 +647,17 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = False
         name = torch.cuda.get_device_name(torch.device(device))
         print(f'# device {device} ({name}), torch {torch.__version__}, CUDA {torch.version.cuda}', flush=True)
-    else:
+    elif not args.list:
         print(f'# dry run on {device}, torch {torch.__version__}: CUDA-only checks SKIP', flush=True)
     h = Harness(torch, ops, device, steps, args.quick)
 
-    subset = [name for name in h.cases if name in QUICK_LAYERS] if args.quick else list(h.cases)
-    for name in h.cases:
-        for mode in MODES:
-            if mode == 'fp32' or name in subset:
-                report.run(f'parity/{name}/{mode}', lambda n=name, m=mode: check_parity(h, n, m))
-    for name in h.cases:
-        for mode in ('fp32', 'fp16_autocast'):
-            report.run(f'syncs/{name}/{mode}', lambda n=name, m=mode: check_syncs(h, n, m))
-    for name in subset:
-        report.run(f'amp_inf_grad/{name}', lambda n=name: check_amp_inf_grad(h, n))
-        report.run(f'amp_scale_change/{name}', lambda n=name: check_amp_scale_change(h, n))
-    for name in ('cbn_plain', 'cbn_window', 'cbn_frozen', 'cbn_grad_through_window', 'cbn_momentum_none',
-                 'cbn_wsconv', 'sync_cbn'):
-        if name in subset or name == 'cbn_momentum_none':
-            report.run(f'amp_inf_batch/{name}', lambda n=name: check_amp_inf_batch(h, n))
-    results = {}
-    report.run('compile/cbn', lambda: check_compile(h, results))
-    report.run('compile_recompiles/cbn', lambda: check_recompiles(h, results))
-    official = None
-    if not dry:
-        try:
-            official = _load_official()
-        except Exception as exc:   # noqa: BLE001 - the oracle is optional here
-            print(f'# official algorithm not loadable: {type(exc).__name__}: {exc}', flush=True)
-    for norm in ('bn', 'gn', 'cbn', 'official'):
-        report.run(f'timing/{norm}', lambda n=norm: check_timing(h, n, official))
+    for check, fn in plan_checks(h, dry):
+        if args.list:
+            print(check)
+        else:
+            report.run(check, fn)
+    if args.list:
+        return 0
 
     counts = report.counts
     elapsed = time.perf_counter() - started
