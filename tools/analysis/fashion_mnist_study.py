@@ -18,7 +18,7 @@ from cbn_mmdet.utils.cli import choice_list, config_overrides, int_list  # noqa:
 
 # the FMNISTConfig fields settable from the command line
 OPTIONS = ('norms', 'batch_sizes', 'seeds', 'train_images', 'test_images', 'epochs', 'base_lr', 'base_batch',
-           'workers', 'threads', 'data_root')
+           'workers', 'threads', 'data_root', 'brn_momentum', 'burnin_fraction')
 
 
 def parse_args(argv=None):
@@ -34,6 +34,10 @@ def parse_args(argv=None):
     p.add_argument('--epochs', type=float, help=f'passes over the training subset per run (default: {d.epochs})')
     p.add_argument('--base-lr', type=float, help=f'lr at batch --base-batch, scaled linearly (default: {d.base_lr})')
     p.add_argument('--base-batch', type=int, help=f'default: {d.base_batch}')
+    p.add_argument('--brn-momentum', type=float,
+                   help=f'BRN running-statistic update weight (default: {d.brn_momentum})')
+    p.add_argument('--burnin-fraction', type=float,
+                   help=f'CBN burn-in and MABN warm-up, share of the iterations (default: {d.burnin_fraction})')
     p.add_argument('--workers', type=int, help=f'worker processes (default: {d.workers}; --quick: 1)')
     p.add_argument('--threads', type=int, help=f'torch threads per worker (default: {d.threads})')
     p.add_argument('--data-root', help='directory with the four .gz files (default: the system directory '
