@@ -21,7 +21,8 @@ Checks:
   ``fp16_autocast``, ``bf16_autocast`` or ``channels_last`` against the same steps on CPU in float64; the
   error is max |a - b| / max(max |b|, 1) over every step's output and the final parameters and float buffers
   (integer buffers must be equal); tolerance per mode, printed.
-* ``syncs/<layer>/<mode>``: training steps and an eval forward under ``torch.cuda.set_sync_debug_mode('error')``.
+* ``syncs/<layer>/<mode>``: training steps and an eval forward under ``torch.cuda.set_sync_debug_mode('error')``;
+  ``syncs/<layer>/after_load``: the first training steps after a checkpoint load.
 * ``amp_inf_grad/<layer>``: ``GradScaler`` with an inf injected into the gradient at the norm's output at one
   step: the step is skipped, the state stays finite, and the run equals one where that step's update is
   dropped (same scale schedule). Catches state written in backward (MABN's gradient-statistic rows).
@@ -63,8 +64,10 @@ KNOWN_FAILURES = {
     'syncs/sync_bn_momentum_none/fp32': 'torch.nn.SyncBatchNorm.forward reads num_batches_tracked.item() for '
                                         'momentum=None (ops/sync_bn.py SyncBatchNorm.forward -> super().forward)',
     'syncs/sync_bn_momentum_none/fp16_autocast': 'as syncs/sync_bn_momentum_none/fp32',
+    'syncs/sync_bn_momentum_none/after_load': 'as syncs/sync_bn_momentum_none/fp32',
     'syncs/bcn_momentum_none/fp32': 'ops/batch_channel_norm.py _momentum_factor: 1.0 / float(num_batches_tracked)',
     'syncs/bcn_momentum_none/fp16_autocast': 'as syncs/bcn_momentum_none/fp32',
+    'syncs/bcn_momentum_none/after_load': 'as syncs/bcn_momentum_none/fp32',
     'amp_inf_batch/cbn_momentum_none': 'the skipped non-finite step still counts in num_batches_tracked, so the '
                                        'cumulative average (momentum=None) weighs later batches 1/(n+1)',
 }
@@ -340,6 +343,33 @@ def check_syncs(h, name, mode):
     return 'PASS', '3 training steps + eval forward, no synchronising call'
 
 
+def check_syncs_after_load(h, name):
+    """The first training steps after a checkpoint load (fresh model and optimizer) under sync debug mode."""
+    torch = h.torch
+    if h.device.type != 'cuda':
+        return 'SKIP', 'CUDA only (torch.cuda.set_sync_debug_mode); the CPU proxy is tests/test_ops/test_host_syncs.py'
+    import io
+    batches = [(x.to(h.device), t.to(h.device)) for x, t in h.batches(5)]
+    model = h.build(name).to(h.device)
+    h.train(model, batches[:3])
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    fresh = h.build(name).to(h.device)
+    fresh.load_state_dict(torch.load(buf, map_location=h.device))
+    optimizer = torch.optim.SGD(fresh.parameters(), lr=0.05, momentum=0.9)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        _train_no_copy(h, fresh, batches[3:], 'fp32', optimizer)
+    except RuntimeError as exc:
+        return 'FAIL', f'host sync: {str(exc).splitlines()[0]}'
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    return 'PASS', '2 training steps after load_state_dict, no synchronising call'
+
+
 def _train_no_copy(h, model, batches, mode, optimizer):
     """Training steps without any host transfer (the batches are on the device already)."""
     model.train()
@@ -585,6 +615,7 @@ def plan_checks(h, dry):
     for name in h.cases:
         for mode in ('fp32', 'fp16_autocast'):
             plan.append((f'syncs/{name}/{mode}', lambda n=name, m=mode: check_syncs(h, n, m)))
+        plan.append((f'syncs/{name}/after_load', lambda n=name: check_syncs_after_load(h, n)))
     for name in subset:
         plan.append((f'amp_inf_grad/{name}', lambda n=name: check_amp_inf_grad(h, n)))
         plan.append((f'amp_scale_change/{name}', lambda n=name: check_amp_scale_change(h, n)))
