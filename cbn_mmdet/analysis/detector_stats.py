@@ -49,7 +49,7 @@ import os
 import random
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import ClassVar
 
 import numpy as np
@@ -63,7 +63,8 @@ from .study_config import write_csv
 
 __all__ = ['DetectorStatsConfig', 'NormProbe', 'DetectorStatsHook', 'ESTIMATORS', 'GROUPS', 'layer_group',
            'study_layers', 'batch_statistics', 'union_statistics', 'window_estimates', 'logvar_error',
-           'evaluate_point', 'run_detector_stats', 'summarise', 'gains', 'markdown_summary', 'plot_detector_stats']
+           'evaluate_point', 'spread_points', 'run_detector_stats', 'summarise', 'gains', 'markdown_summary',
+           'plot_detector_stats']
 
 ESTIMATORS = ('bn', 'syncbn', 'naive', 'cbn')
 GROUP_ORDER = ('FPN P2', 'FPN P3', 'FPN P4', 'FPN P5', 'FPN P6', 'box head', 'mask head')
@@ -78,12 +79,14 @@ class DetectorStatsConfig:
     """Settings of the study (defaults: the documented run, about 10 minutes on 2 CPU cores).
 
     ``points`` are training iterations (0-based, counted over the whole run) before which the
-    estimators are compared; each needs ``max(windows) − 1`` earlier iterations. Training stops at the
-    last point. ``cfg_options`` are merged into the config like ``tools/train.py --cfg-options``.
+    estimators are compared; each needs ``max(windows) − 1`` earlier iterations. ``None``: ``num_points``
+    iterations evenly spread from ``max(windows) − 1`` to the last one. Training stops at the last point.
+    ``cfg_options`` are merged into the config like ``tools/train.py --cfg-options``.
     """
     config: str = DEFAULT_CONFIG
     windows: tuple = (2, 4, 8)        # k: images (SyncBN) or iterations (naive, CBN: buffer_num = k − 1)
-    points: tuple = (20, 90, 200, 310, 380, 470)
+    points: tuple = None
+    num_points: int = 6
     ref_size: int = 32                # held-out images of the large batch that gives the truth
     out: str = 'work_dirs/detector_stats'
     threads: int = 1
@@ -100,14 +103,19 @@ class DetectorStatsConfig:
         """Raise ``ValueError`` naming the first bad field."""
         if not self.windows or any(not isinstance(k, int) or k < 2 for k in self.windows):
             raise ValueError(f'detector_stats: windows={self.windows!r}: need window sizes k >= 2 (integers)')
-        if not self.points or any(not isinstance(p, int) or p < 0 for p in self.points):
-            raise ValueError(f'detector_stats: points={self.points!r}: need training iterations >= 0 (integers)')
-        first = max(self.windows) - 1
-        if min(self.points) < first:
-            raise ValueError(f'detector_stats: points={self.points!r}: the first point must be >= '
-                             f'max(windows) - 1 = {first} (its window needs that many earlier iterations)')
-        if len(set(self.points)) != len(self.points):
-            raise ValueError(f'detector_stats: points={self.points!r}: repeated iteration')
+        if self.points is None:
+            if not isinstance(self.num_points, int) or self.num_points < 1:
+                raise ValueError(f'detector_stats: num_points={self.num_points!r}: need a positive integer')
+        else:
+            if not self.points or any(not isinstance(p, int) or p < 0 for p in self.points):
+                raise ValueError(f'detector_stats: points={self.points!r}: need training iterations >= 0 '
+                                 '(integers)')
+            first = max(self.windows) - 1
+            if min(self.points) < first:
+                raise ValueError(f'detector_stats: points={self.points!r}: the first point must be >= '
+                                 f'max(windows) - 1 = {first} (its window needs that many earlier iterations)')
+            if len(set(self.points)) != len(self.points):
+                raise ValueError(f'detector_stats: points={self.points!r}: repeated iteration')
         if not isinstance(self.ref_size, int) or self.ref_size < 2:
             raise ValueError(f'detector_stats: ref_size={self.ref_size!r}: need at least 2 images')
         if not isinstance(self.threads, int) or self.threads < 1:
@@ -415,6 +423,14 @@ def _dataset(cfg_dataset, pipeline):
     return DATASETS.build(cfg_dataset)
 
 
+def spread_points(stats_cfg, max_iters):
+    """``num_points`` iterations evenly spread from ``max(windows) − 1`` to ``max_iters − 1``."""
+    first = max(stats_cfg.windows) - 1
+    if first >= max_iters:
+        raise ValueError(f'detector_stats: windows={stats_cfg.windows!r}: the run has only {max_iters} iterations')
+    return tuple(sorted({int(round(v)) for v in np.linspace(first, max_iters - 1, stats_cfg.num_points)}))
+
+
 def _reference_batch(cfg, stats_cfg, held_out_cfg):
     """The ``ref_size`` first held-out images through the training pipeline, collated."""
     from mmengine.dataset import pseudo_collate
@@ -458,6 +474,8 @@ def run_detector_stats(stats_cfg, log=None):
         runner = build_runner(cfg)
         max_iters = runner.train_loop.max_iters
         iters_per_epoch = len(runner.train_loop.dataloader)
+        if stats_cfg.points is None:
+            stats_cfg = replace(stats_cfg, points=spread_points(stats_cfg, max_iters))
         if max(stats_cfg.points) >= max_iters:
             raise ValueError(f'detector_stats: points={stats_cfg.points!r}: the run has {max_iters} iterations '
                              f'({cfg.train_cfg.max_epochs} epochs of {iters_per_epoch}); the last point must be '

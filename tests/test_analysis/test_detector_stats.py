@@ -207,6 +207,14 @@ def test_bad_settings_name_the_field(field, value, words):
         cfg.check()
 
 
+def test_default_points_spread_over_the_run():
+    cfg = ds.DetectorStatsConfig(windows=(2, 4, 8), num_points=3)
+    cfg.check()
+    assert ds.spread_points(cfg, 100) == (7, 53, 99)
+    with pytest.raises(ValueError, match='num_points=0'):
+        ds.DetectorStatsConfig(num_points=0).check()
+
+
 def test_quick_tool_run(tiny, tmp_path):
     config = write_tiny_config(str(tmp_path), data_root=str(tiny['directory'] / 'data') + '/')
     result = load_tool('analysis/detector_stats.py').main(

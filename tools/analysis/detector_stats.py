@@ -19,7 +19,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 from cbn_mmdet.analysis.detector_stats import DetectorStatsConfig, run_detector_stats  # noqa: E402
 from cbn_mmdet.utils.cli import add_cfg_options_arg  # noqa: E402
 
-OPTIONS = ('config', 'windows', 'points', 'ref_size', 'out', 'threads')
+OPTIONS = ('config', 'windows', 'points', 'num_points', 'ref_size', 'out', 'threads')
 
 
 def parse_args(argv=None):
@@ -28,7 +28,8 @@ def parse_args(argv=None):
     p.add_argument('--config', help=f'the detector config to train (default: {d.config})')
     p.add_argument('--windows', type=int, nargs='+', help=f'window sizes k (default: {" ".join(map(str, d.windows))})')
     p.add_argument('--points', type=int, nargs='+',
-                   help=f'training iterations to measure at (default: {" ".join(map(str, d.points))})')
+                   help='training iterations to measure at (default: --num-points spread over the run)')
+    p.add_argument('--num-points', type=int, help=f'points when --points is not given (default: {d.num_points})')
     p.add_argument('--ref-size', type=int, help=f'held-out images of the truth (default: {d.ref_size})')
     p.add_argument('--out', help=f'output folder (default: {d.out})')
     p.add_argument('--threads', type=int, help=f'torch threads (default: {d.threads})')
