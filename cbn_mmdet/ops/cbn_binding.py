@@ -145,8 +145,7 @@ def _try_bind(parent, child_name, norm):
 # A CBN window is per rank (each rank's own statistics). torch DDP with broadcast_buffers=True would
 # overwrite it with rank 0's before every forward, so the window buffers are excluded from DDP's buffer
 # synchronisation; running statistics stay synchronised like BN's.
-PER_RANK_BUFFERS = ('window_head', 'window_filled', 'window_mean', 'window_sq', 'window_weight',
-                    'window_mean_grad', 'window_sq_grad')
+PER_RANK_BUFFERS = ('window_head', 'window')     # the packed window and its ring position
 
 
 def per_rank_buffer_names(model):

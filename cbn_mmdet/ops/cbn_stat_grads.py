@@ -4,8 +4,9 @@ Cross-iteration BN compensates stale statistics with a first-order Taylor step i
 needs, for every output channel ``c`` of ``y = conv(x, W)`` (``M = N·Ho·Wo`` positions):
 
 * ``dμ_c/dW_c = E[x_patch]`` — the mean input patch. It does not depend on ``c`` (only on the group of
-  ``c``), so it is one vector of ``C_in·kh·kw`` numbers, and it is nearly free: a sum over the batch and a
-  strided box-sum per kernel offset. The official code obtains it with a full ``autograd.grad`` call.
+  ``c``), so it is one vector of ``C_in·kh·kw`` numbers per group: the weight-gradient of the conv for a
+  constant output gradient ``1/M`` with one output channel per group (1/C_out of the conv's cost, one
+  kernel). The official code obtains it with a full ``autograd.grad`` call.
 * ``dν_c/dW_c = 2·E[y_c · x_patch]`` — exactly a conv weight-gradient whose ``grad_output`` is
   ``2y/M``: one ``convolution_backward`` with only the weight gradient requested (as costly as the conv).
   ``sampled_second_moment_weight_grad`` estimates it from a strided grid of output positions: rows
@@ -16,10 +17,30 @@ needs, for every output channel ``c`` of ``y = conv(x, W)`` (``M = N·Ho·Wo`` p
 Both are pure functions of tensors; no autograd graph is built or used.
 """
 import torch
-import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 __all__ = ['conv_output_size', 'mean_input_patch', 'second_moment_weight_grad', 'sampled_second_moment_weight_grad']
+
+# Expanded one-element tensors reused from step to step: the weight "stubs" ``convolution_backward`` needs
+# only for their shape, and the constant output gradient of the mean patch. Creating them is two
+# dispatcher calls each per layer per step; a detector's input sizes repeat, so a small cache holds them.
+_EXPANDED = {}
+_EXPANDED_MAX = 512
+
+
+def _expanded(like, shape, value=None):
+    """A one-element tensor of ``like``'s dtype/device expanded to ``shape`` (``value`` or uninitialised)."""
+    compiling = getattr(torch.compiler, 'is_compiling', lambda: False)()
+    key = (tuple(shape), value, like.dtype, like.device)
+    cached = None if compiling else _EXPANDED.get(key)
+    if cached is None:
+        base = like.new_empty(1) if value is None else like.new_full((1,) * len(shape), value)
+        cached = base.expand(*shape)
+        if not compiling:
+            if len(_EXPANDED) >= _EXPANDED_MAX:
+                _EXPANDED.clear()
+            _EXPANDED[key] = cached
+    return cached
 
 
 def conv_output_size(in_size, kernel_size, stride, padding, dilation):
@@ -36,27 +57,29 @@ def mean_input_patch(x, kernel_size, stride=1, padding=0, dilation=1):
         kernel_size, stride, padding, dilation: the conv's geometry (int or pair).
 
     Returns:
-        Tensor ``(C_in, kh, kw)``: entry ``[i, a, b]`` is the mean, over every sample and every output
-        position, of the (zero-padded) input value that kernel tap ``(a, b)`` of input channel ``i`` sees.
-        For a grouped conv, output channel ``c`` of group ``g`` uses the rows of group ``g``.
+        Tensor ``(C_in, kh, kw)`` in float32 (float64 for a float64 input): entry ``[i, a, b]`` is the mean,
+        over every sample and every output position, of the (zero-padded) input value that kernel tap
+        ``(a, b)`` of input channel ``i`` sees. For a grouped conv, output channel ``c`` of group ``g``
+        uses the rows of group ``g``.
     """
     kh, kw = _pair(kernel_size)
     sh, sw = _pair(stride)
     ph, pw = _pair(padding)
     dh, dw = _pair(dilation)
-    n, _, h, w = x.shape
+    n, cin, h, w = x.shape
     ho, wo = conv_output_size((h, w), (kh, kw), (sh, sw), (ph, pw), (dh, dw))
-    if (kh, kw, ph, pw) == (1, 1, 0, 0):
-        # A 1x1 conv without padding reads exactly the strided input positions: one reduction, no
-        # intermediate (several times faster for the wide inputs of FPN laterals).
-        return x[:, :, ::sh, ::sw].sum((0, 2, 3)).view(-1, 1, 1) / float(n * ho * wo)
-    # Summing over the batch first makes every later step independent of N.
-    summed = F.pad(x.sum(0), (pw, pw, ph, ph))                     # (C_in, Hp, Wp)
-    # Tap a reads rows a·dh + sh·k (k < Ho): one strided window per tap, taken with unfold.
-    rows = summed.unfold(1, sh * (ho - 1) + 1, dh)[:, :kh]        # (C_in, kh, Wp, span_h)
-    rows = rows[..., ::sh].sum(-1)                                # (C_in, kh, Wp)
-    cols = rows.unfold(2, sw * (wo - 1) + 1, dw)[:, :, :kw]       # (C_in, kh, kw, span_w)
-    return cols[..., ::sw].sum(-1) / float(n * ho * wo)
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if (kh, kw, ph, pw, sh, sw) == (1, 1, 0, 0, 1, 1):
+        # A 1x1 conv without padding or stride reads every input position once: one reduction.
+        return x.mean((0, 2, 3), dtype=dtype).view(cin, 1, 1)
+    # The weight-gradient of a one-output conv (same geometry, no groups: the mean patch of an input
+    # channel does not depend on the grouping) whose output gradient is 1/M everywhere is exactly the
+    # mean patch: one kernel, the conv's own, whatever the geometry.
+    grad_output = _expanded(x, (n, 1, ho, wo), 1.0 / max(n * ho * wo, 1))
+    grad = torch.ops.aten.convolution_backward(
+        grad_output, x, _expanded(x, (1, cin, kh, kw)), None, [sh, sw], [ph, pw], [dh, dw], False, [0, 0], 1,
+        [False, True, False])[1]
+    return grad.reshape(cin, kh, kw).to(dtype)
 
 
 def second_moment_weight_grad(x, y, weight_shape, stride=1, padding=0, dilation=1, groups=1):
@@ -133,8 +156,7 @@ def _weight_grad(x, y, weight_shape, stride, padding, dilation, groups, m):
     The weight-gradient is linear in ``grad_output``, so the scale ``2/m`` is applied to the (small) result
     rather than to ``y``. ``m = 0`` (an empty batch) gives zeros.
     """
-    weight_stub = y.new_empty(1).expand(weight_shape)
     grad = torch.ops.aten.convolution_backward(
-        y, x, weight_stub, None, list(stride), list(padding), list(dilation), False, [0, 0], groups,
+        y, x, _expanded(y, weight_shape), None, list(stride), list(padding), list(dilation), False, [0, 0], groups,
         [False, True, False])[1]
     return grad.mul_(2.0 / max(m, 1))

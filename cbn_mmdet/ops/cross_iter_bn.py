@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ._amp import compute_dtype
 from ._validate import (
     check_eps,
     check_finite,
@@ -42,6 +43,17 @@ from .cbn_stat_grads import (
     sampled_second_moment_weight_grad,
     second_moment_weight_grad,
 )
+from .cbn_window import (
+    EMPTY_SQ,
+    combine,
+    compensate,
+    empty_window,
+    keep_newest_,
+    push_row_,
+    window_row,
+    window_row_length,
+    window_views,
+)
 from .distributed import get_world_size, sync_weighted_mean
 
 __all__ = ['CrossIterationBatchNorm2d', 'SyncCrossIterationBatchNorm2d']
@@ -50,7 +62,10 @@ _OWNER = 'CrossIterationBatchNorm2d'
 # Buffers a plain BN checkpoint lacks; see _load_from_state_dict for the policy.
 _CBN_ONLY_BUFFERS = ('iter_count', 'num_fallbacks', 'num_nonfinite', 'window_head', 'window_filled', 'window_mean',
                      'window_sq', 'window_weight', 'window_mean_grad', 'window_sq_grad')
-# Buffers whose shape depends on the conv, unknown until the layer is bound (materialised lazily).
+# What the checkpoint stores of the packed window (one tensor in memory, see cbn_window.py): the same
+# keys as before the packing, so checkpoints of either layout load into both.
+_WINDOW_KEYS = ('window_filled', 'window_mean', 'window_sq', 'window_weight', 'window_mean_grad', 'window_sq_grad')
+# Window parts whose shape depends on the conv, unknown until the layer is bound.
 _CONV_SHAPED_BUFFERS = ('window_weight', 'window_mean_grad', 'window_sq_grad')
 
 
@@ -153,12 +168,13 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         # statistics nor the window (NormHealthHook reports it by layer name and iteration).
         self.register_buffer('num_nonfinite', torch.zeros((), dtype=torch.long, **factory))
         self.register_buffer('window_head', torch.zeros((), dtype=torch.long, **factory))
-        self.register_buffer('window_filled', torch.zeros(self.buffer_num, dtype=torch.bool, **factory))
-        fdtype = dict(device=device, dtype=dtype)
-        self.register_buffer('window_mean', torch.zeros(self.buffer_num, num_features, **fdtype))
-        self.register_buffer('window_sq', torch.zeros(self.buffer_num, num_features, **fdtype))
-        for name in _CONV_SHAPED_BUFFERS:
-            self.register_buffer(name, torch.zeros(0, **fdtype))
+        # The packed window (cbn_window.py): one row per past iteration, empty slots marked. Not
+        # persistent: the checkpoint stores its named parts (window_mean, ...; see _save_to_state_dict).
+        self.register_buffer('window', empty_window(self.buffer_num, 2 * num_features, num_features,
+                                                    dtype=dtype, device=device), persistent=False)
+        self._groups = 1              # the bound conv's groups (the layout of the mean slopes)
+        self._views = None            # (window, its named views), rebuilt when the buffer is replaced
+        self._grad_mode = False       # grad mode of the current window forward (read inside no_grad)
 
         # Host-side mirror of iter_count: the burn-in decision must not read a device tensor.
         self._iter_shadow = 0
@@ -232,6 +248,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         # queue membership is global state, not the layer's. A bound copy carries its binding (the
         # copied conv and the copied hooks; see _binding).
         super().__setstate__(state)
+        self._views = None
         if self.buffer_num > 0 and self._binding is None:
             queue_for_binding(self)
 
@@ -259,12 +276,42 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     # ------------------------------------------------------------------ state
     def reset_window(self):
         """Forget every past entry (the counter and running statistics are kept)."""
-        self.window_filled.zero_()
+        self.window.zero_()
+        self.window_sq.fill_(EMPTY_SQ)
         self.window_head.zero_()
+
+    def _window_views(self):
+        # Views are cached per window tensor: .to(), .double() or a load replace the buffer, and an
+        # identity test (no dispatcher call) notices it.
+        window = self._buffers['window']
+        if self._views is None or self._views[0] is not window:
+            self._views = (window, window_views(window, self.num_features, self._groups))
+        return self._views[1]
+
+    # Named parts of the packed window (views: writing them writes the window).
+    window_mean = property(lambda self: self._window_views()['mean'])
+    window_sq = property(lambda self: self._window_views()['sq'])
+    window_weight = property(lambda self: self._conv_shaped('weight'))
+    window_mean_grad = property(lambda self: self._conv_shaped('mean_grad'))
+    window_sq_grad = property(lambda self: self._conv_shaped('sq_grad'))
+
+    @property
+    def window_filled(self):
+        """``(buffer_num,)`` bool: which slots hold an entry (a copy; empty slots have ν = −1)."""
+        return self.window_sq[:, 0] >= 0 if self.num_features else self.window_sq.new_zeros(0, dtype=torch.bool)
+
+    def _conv_shaped(self, name):
+        # Before binding the conv-shaped parts do not exist yet: an empty tensor, as a checkpoint has it.
+        return self._window_views()[name] if self.is_materialised else self.window.new_zeros(0)
+
+    @property
+    def is_materialised(self):
+        """True once the window has its conv-shaped parts (the layer was bound or loaded bound)."""
+        return self._buffers['window'].shape[1] > 2 * self.num_features
 
     def reset_running_stats(self):
         super().reset_running_stats()
-        if hasattr(self, 'window_filled'):
+        if 'window' in self._buffers:
             self.reset_window()
             self.iter_count.zero_()
             self.num_fallbacks.zero_()
@@ -276,17 +323,25 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self.iter_count.fill_(int(value))
         self._iter_shadow = int(value)
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        # The window's named parts: views (an in-place update of the state dict, as EMA does, writes
+        # the window), window_filled a fresh bool tensor.
+        parts = {'window_filled': self.window_filled, 'window_mean': self.window_mean, 'window_sq': self.window_sq,
+                 'window_weight': self.window_weight, 'window_mean_grad': self.window_mean_grad,
+                 'window_sq_grad': self.window_sq_grad}
+        for name in _WINDOW_KEYS:
+            destination[prefix + name] = parts[name] if keep_vars else parts[name].detach()
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         version = local_metadata.get('version', None)
+        window = {name: state_dict.pop(prefix + name) for name in _WINDOW_KEYS if prefix + name in state_dict}
         for name in _CONV_SHAPED_BUFFERS:
-            key = prefix + name
-            if (version is None or version < 3) and key in state_dict and state_dict[key].dim() == 5:
+            if (version is None or version < 3) and name in window and window[name].dim() == 5:
                 # Layout of version <= 2: weight-shaped (n, C_out, C_in/g, kh, kw) entries; now (n, C, K).
-                state_dict[key] = state_dict[key].flatten(2)
-            if key in state_dict and self._buffers[name].numel() == 0:
-                self._buffers[name].resize_(state_dict[key].shape)   # in place: DDP keeps its handle
-        absent = [name for name in _CBN_ONLY_BUFFERS if prefix + name not in state_dict]
+                window[name] = window[name].flatten(2)
+        absent = [name for name in _CBN_ONLY_BUFFERS if prefix + name not in state_dict and name not in window]
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         if len(absent) == len(_CBN_ONLY_BUFFERS) and prefix + 'running_mean' in state_dict:
@@ -301,7 +356,49 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             warnings.warn(f"{prefix.rstrip('.') or _OWNER}: loaded a BN checkpoint into CBN; the "
                           'cross-iteration window starts empty and the iteration counter at 0',
                           stacklevel=2)
+        elif len(window) < len(_WINDOW_KEYS):
+            missing_keys.extend(prefix + name for name in _WINDOW_KEYS if name not in window)
+        else:
+            self._load_window(window, prefix, error_msgs)
         self._iter_shadow = int(self.iter_count)
+
+    def _load_window(self, parts, prefix, error_msgs):
+        n, c = self.buffer_num, self.num_features
+        for name in ('window_mean', 'window_sq', 'window_filled'):
+            expected = (n, c) if name != 'window_filled' else (n,)
+            if tuple(parts[name].shape) != expected:
+                error_msgs.append(f'size mismatch for {prefix}{name}: copying a param with shape '
+                                  f'{tuple(parts[name].shape)} from checkpoint, the shape in current model is '
+                                  f'{expected}.')
+                return
+        weight, mean_grad = parts['window_weight'], parts['window_mean_grad']
+        if weight.numel() > 0:
+            sq_shape = tuple(parts['window_sq_grad'].shape)
+            if weight.dim() != 3 or mean_grad.dim() != 3 or sq_shape != tuple(weight.shape):
+                error_msgs.append(f'{prefix}window_weight/window_mean_grad/window_sq_grad: inconsistent shapes '
+                                  f'{tuple(weight.shape)}, {tuple(mean_grad.shape)}, {sq_shape}')
+                return
+            try:
+                self._materialise_layout(weight.shape[2], mean_grad.shape[1])
+            except RuntimeError as exc:
+                error_msgs.append(str(exc))
+                return
+        with torch.no_grad():
+            filled = parts['window_filled'].to(device=self.window.device, dtype=torch.bool)
+            self.window.zero_()            # (window_head was loaded by the base class: kept)
+            self.window_sq.fill_(EMPTY_SQ)
+            if not bool(filled.any()):
+                return   # nothing stored (an unbound layer's checkpoint has no slopes to load either)
+            if not self.is_materialised:
+                error_msgs.append(f'{prefix}window_weight: the checkpoint has filled window slots but no '
+                                  'weights/slopes for them')
+                return
+            for name, view in (('window_mean', self.window_mean), ('window_sq', self.window_sq),
+                               ('window_weight', self.window_weight), ('window_mean_grad', self.window_mean_grad),
+                               ('window_sq_grad', self.window_sq_grad)):
+                view.copy_(parts[name])
+            empty = empty_window(1, self.window.shape[1], c, dtype=self.window.dtype, device=self.window.device)
+            self.window.copy_(torch.where(filled.view(n, 1), self.window, empty))
 
     def extra_repr(self):
         text = (super().extra_repr() + f', buffer_num={self.buffer_num}, rho={self.rho}, '
@@ -358,11 +455,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
     def _keep_newest(self, size):
         """Forget all but the ``size`` newest entries (``two_stage=False`` while the window grows)."""
-        if size >= self.buffer_num:
-            return
-        slots = torch.arange(self.buffer_num, device=self.window_head.device)
-        age = (self.window_head - 1 - slots).remainder(self.buffer_num)      # 0 = the newest entry
-        self.window_filled.logical_and_(age < size)
+        if size < self.buffer_num:
+            keep_newest_(self.window, self.window_head, size, self.num_features)
 
     def forward(self, x, weight=None):
         self._check_input_dim(x)
@@ -383,8 +477,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             self._iter_shadow += 1
             self._conv_input = self._conv_output = None
             return self._eval_forward(x)
-        self.num_batches_tracked.add_(1)
-        self.iter_count.add_(1)     # every training forward, like the official counter
+        # Both counters in one multi-tensor kernel; iter_count counts every training forward, like the
+        # official counter.
+        torch._foreach_add_([self.num_batches_tracked, self.iter_count], 1)
         self._iter_shadow += 1
         conv_input, self._conv_input = self._conv_input, None
         conv_output, self._conv_output = self._conv_output, None
@@ -414,47 +509,60 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         return self.sync and get_world_size(self.process_group) > 1
 
     def _batch_moments(self, x):
-        """Current mean, biased variance and element count (global ones under ``sync``)."""
+        """Current mean, biased variance (float32+) and element count (global ones under ``sync``)."""
         count = x.shape[0] * x.shape[2] * x.shape[3]
+        dtype = compute_dtype(x.dtype)
         if self._synced():
             # Sums over max(count, 1) rather than means: an empty rank's zeros stay in the graph, so
             # its backward joins the gradient all-reduce like every other rank's.
-            mean = x.sum((0, 2, 3)) / max(count, 1)
-            sq = (x * x).sum((0, 2, 3)) / max(count, 1)
+            xs = x.to(dtype)
+            mean = xs.sum((0, 2, 3)) / max(count, 1)
+            sq = (xs * xs).sum((0, 2, 3)) / max(count, 1)
             (mean, sq), total = sync_weighted_mean((mean, sq), count, group=self.process_group)
             return mean, sq - mean * mean, total
-        if x.device.type in ('cpu', 'cuda') and count > 0 and not torch.is_grad_enabled():
-            # BN's own (Welford) statistics kernel: ~3x faster than var_mean on CPU, no graph needed.
-            mean, var = torch.ops.aten.batch_norm_update_stats(x, None, None, 0.0)
+        if x.device.type in ('cpu', 'cuda') and count > 0:
+            # BN's own (Welford) statistics kernel, one pass, float32 accumulation for half inputs;
+            # with float32 "running" tensors it returns float32 statistics (scratch: momentum 0).
+            scratch = (None, None) if x.dtype == dtype else (x.new_empty(x.shape[1], dtype=dtype),) * 2
+            mean, var = torch.ops.aten.batch_norm_update_stats(x, *scratch, 0.0)
         else:
-            var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+            var, mean = torch.var_mean(x.to(dtype), dim=(0, 2, 3), correction=0)
         return mean, var, count
 
-    def _update_running_stats(self, mean, biased_var, count):
-        """Update running statistics; return a 0-dim bool tensor: were the batch statistics finite?
+    def _update_running_stats(self, mean, biased_var, count, finite):
+        """Move the running statistics towards this batch's, unless its statistics are not finite.
 
-        A non-finite step (NaN/Inf in the input) leaves the statistics untouched and is counted in
-        ``num_nonfinite`` — all without reading the flag on the host.
+        ``finite`` is a 0-dim bool tensor: the update is a lerp towards ``where(finite, batch, running)``,
+        so a non-finite step leaves them exactly as they were, without reading the flag on the host.
         """
-        with torch.no_grad():
-            # x·0 == 0 exactly for finite x (NaN for ±Inf and NaN): one test for both statistics, in
-            # fewer ops than isfinite (which is several kernels per call).
-            finite = ((mean + biased_var) * 0 == 0).all()
-            self.num_nonfinite.add_(finite.logical_not())
-            if not self.track_running_stats:
-                return finite
-            factor = self._momentum_factor()
-            if isinstance(count, torch.Tensor):
-                # Global count of a synced batch (a tensor: no host sync). An empty global batch
-                # leaves the statistics untouched; a single value gives a zero variance.
-                factor = (count > 0).to(mean.dtype) * factor
-                unbiased = biased_var * (count / (count - 1).clamp_min(1))
-            else:
-                unbiased = biased_var * (count / (count - 1))
-            if isinstance(factor, torch.Tensor):
-                factor = factor.to(self.running_mean.dtype)
-            for running, batch in ((self.running_mean, mean), (self.running_var, unbiased)):
-                running.copy_(torch.where(finite, running.lerp(batch.to(running.dtype), factor), running))
+        if not self.track_running_stats:
+            return
+        factor = self._momentum_factor()
+        if isinstance(count, torch.Tensor):
+            # Global count of a synced batch (a tensor: no host sync). An empty global batch
+            # leaves the statistics untouched; a single value gives a zero variance.
+            factor = (count > 0).to(mean.dtype) * factor
+            unbiased = biased_var * (count / (count - 1).clamp_min(1))
+        else:
+            unbiased = biased_var * (count / (count - 1))
+        if isinstance(factor, torch.Tensor):
+            factor = factor.to(self.running_mean.dtype)
+        running = [self.running_mean, self.running_var]
+        targets = [torch.where(finite, batch.to(r.dtype), r) for r, batch in zip(running, (mean, unbiased))]
+        if isinstance(factor, torch.Tensor):
+            for r, target in zip(running, targets):
+                r.lerp_(target, factor)
+        else:   # one multi-tensor kernel for both
+            torch._foreach_lerp_(running, targets, factor)
+
+    def _finite(self, stats):
+        """0-dim bool: are the batch statistics finite? Counted in ``num_nonfinite`` when not.
+
+        ``s·0 == 0`` holds exactly for finite ``s`` (NaN for ±Inf and NaN): three ops, where isfinite is
+        several kernels per call.
+        """
+        finite = (stats * 0 == 0).all()
+        self.num_nonfinite.add_(finite.logical_not())
         return finite
 
     def _check_count(self, count):
@@ -468,105 +576,131 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         return weight, bias
 
     def _plain_forward(self, x, update):
-        dtype = torch.promote_types(x.dtype, torch.float32)
+        synced = self._synced()
         with torch.autocast(x.device.type, enabled=False):
-            xs = x.to(dtype)
-            if self._synced():
-                mean, var, count = self._batch_moments(xs)
+            if synced:
+                mean, var, count = self._batch_moments(x)
             else:
                 with torch.no_grad():   # cbn_normalise differentiates through the moments itself
-                    mean, var, count = self._batch_moments(xs)
+                    mean, var, count = self._batch_moments(x)
             self._check_count(count)
             if update:
-                self._update_running_stats(mean.detach(), var.detach(), count)
-                self._join_slope_all_reduce(dtype, xs.device)
-            if x.shape[0] == 0 and not self._synced():
+                with torch.no_grad():
+                    finite = self._finite(mean.detach() + var.detach())
+                    self._update_running_stats(mean.detach(), var.detach(), count, finite)
+                self._join_slope_all_reduce(mean.dtype, x.device)
+            if x.shape[0] == 0 and not synced:
                 return self._empty_output(x)
             if self.unbiased_plain_var:
                 factor = count / ((count - 1).clamp_min(1) if torch.is_tensor(count) else count - 1)
             else:
                 factor = 1.0
-            if self._synced():
-                out = self._normalise(xs, mean, var * factor)
-            else:
-                out = cbn_normalise(xs, *self._affine_params(dtype), mean, var, count, var_factor=factor,
-                                    eps=self.eps, eps_inside_sqrt=self.eps_inside_sqrt)
-        return out.to(x.dtype)
+            if synced:
+                out = self._normalise(x.to(mean.dtype), mean, var * factor)
+                return out.to(x.dtype)
+            return cbn_normalise(x, *self._affine_params(mean.dtype), mean, var * factor, count,
+                                 var_factor=factor, eps=self.eps, eps_inside_sqrt=self.eps_inside_sqrt)
 
     def _join_slope_all_reduce(self, dtype, device):
         """A synced rank on the plain path joins the window path's all-reduce of ∂μ/∂W, ∂ν/∂W with
         zeros of weight 0: the collectives of a forward never depend on rank-local state (burn-in
         counter, ``requires_grad``, an empty batch), so ranks on different paths cannot deadlock."""
-        if not (self._synced() and self.buffer_num > 0 and self.window_weight.numel() > 0):
+        if not (self._synced() and self.buffer_num > 0 and self.is_materialised):
             return
         zeros = (torch.zeros(self.window_mean_grad.shape[1:], dtype=dtype, device=device),
                  torch.zeros(self.window_sq_grad.shape[1:], dtype=dtype, device=device))
         sync_weighted_mean(zeros, 0, group=self.process_group)
 
     def _window_forward(self, x, weight, conv_input):
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        synced = self._synced()
+        self._grad_mode = torch.is_grad_enabled()
+        if self._synced():
+            return self._synced_window_forward(x, weight, conv_input)
         with torch.autocast(x.device.type, enabled=False):
-            xs = x.to(dtype)
-            if synced:
-                mean_t, var_t, count = self._batch_moments(xs)
-            else:
-                with torch.no_grad():   # cbn_normalise differentiates through the moments itself
-                    mean_t, var_t, count = self._batch_moments(xs)
-            self._check_count(count)
-            sq_t = var_t + mean_t * mean_t
-            weight_t, mean_grad, sq_grad, groups = self._statistic_grads(xs, weight, conv_input)
-            self._materialise(weight_t.shape, groups, mean_grad.shape[-1])   # explicit-weight path
-            if synced:
-                (mean_grad, sq_grad), _ = sync_weighted_mean(
-                    (mean_grad, sq_grad), x.shape[0] * x.shape[2] * x.shape[3], group=self.process_group)
-            with torch.no_grad():
-                coef, past_mean, past_sq = self._window_coefficients(mean_t.detach(), sq_t.detach(),
-                                                                     weight_t.to(dtype))
-            if self.grad_through_window and torch.is_grad_enabled():
-                past_mean, past_sq = self._attach_window_gradient(past_mean, past_sq, weight, dtype)
-            finite = self._update_running_stats(mean_t.detach(), var_t.detach(), count)
-            valid = finite & (count > 0) if isinstance(count, torch.Tensor) else finite
-            self._push(weight_t, mean_t.detach(), sq_t.detach(), mean_grad, sq_grad, groups, valid=valid)
-            if not self.two_stage:
-                self._keep_newest(self._window_size_now())
-            if synced:
-                # A synced empty rank normalises its empty input too, so that its backward still joins
-                # the all-reduce of the statistics' gradients.
-                mean = coef * mean_t + past_mean
-                var = (coef * sq_t + past_sq - mean * mean).clamp_min(0)
-                out = self._normalise(xs, mean, var)
-            elif x.shape[0] == 0:
+            with torch.no_grad():   # cbn_normalise differentiates through the moments itself
+                mean_t, var_t, count = self._batch_moments(x)
+                self._check_count(count)
+                sq_t = torch.addcmul(var_t, mean_t, mean_t)
+                current = torch.stack((mean_t, sq_t))
+                weight_t, mean_grad, sq_grad, groups = self._statistic_grads(x, weight, conv_input)
+                self._materialise(weight_t.shape, groups, mean_grad.shape[-1])   # explicit-weight path
+                window = self.window
+                compensated = compensate(self._window_views(), weight_t, self.rho)
+                stats, coef, valid = combine(current, compensated)
+                slopes = self._window_slopes(valid * coef) if self._wants_window_gradient() else None
+                finite = self._finite(current)
+                self._update_running_stats(mean_t, var_t, count, finite)
+                push_row_(window, self.window_head,
+                          window_row(mean_t, sq_t, weight_t, sq_grad, mean_grad, window.dtype), finite)
+                if not self.two_stage:
+                    self._keep_newest(self._window_size_now())
+            mean, sq = self._attach_window_gradient(stats, slopes, weight).unbind(0)
+            if x.shape[0] == 0:
                 return self._empty_output(x)
-            else:
-                out = cbn_normalise(xs, *self._affine_params(dtype), mean_t, var_t, count, coef=coef,
-                                    past_mean=past_mean, past_sq=past_sq, eps=self.eps,
-                                    eps_inside_sqrt=self.eps_inside_sqrt)
+            return cbn_normalise(x, *self._affine_params(mean.dtype), mean, torch.addcmul(sq, mean, mean, value=-1),
+                                 count, coef=coef, eps=self.eps, eps_inside_sqrt=self.eps_inside_sqrt)
+
+    def _synced_window_forward(self, x, weight, conv_input):
+        """SyncCBN's window step: the statistics are global (one all-reduce, differentiable) and the
+        normalisation goes through autograd; a synced empty rank normalises its empty input too, so that
+        its backward still joins the all-reduce of the statistics' gradients."""
+        with torch.autocast(x.device.type, enabled=False):
+            mean_t, var_t, count = self._batch_moments(x)
+            sq_t = var_t + mean_t * mean_t
+            weight_t, mean_grad, sq_grad, groups = self._statistic_grads(x, weight, conv_input)
+            self._materialise(weight_t.shape, groups, mean_grad.shape[-1])
+            (mean_grad, sq_grad), _ = sync_weighted_mean(
+                (mean_grad, sq_grad), x.shape[0] * x.shape[2] * x.shape[3], group=self.process_group)
+            with torch.no_grad():
+                current = torch.stack((mean_t.detach(), sq_t.detach()))
+                compensated = compensate(self._window_views(), weight_t, self.rho)
+                stats, coef, valid = combine(current, compensated)
+                past = stats - coef * current
+                slopes = self._window_slopes(valid * coef) if self._wants_window_gradient() else None
+                finite = self._finite(current)
+                self._update_running_stats(mean_t.detach(), var_t.detach(), count, finite)
+                push_row_(self.window, self.window_head,
+                          window_row(mean_t.detach(), sq_t.detach(), weight_t, sq_grad, mean_grad, self.window.dtype),
+                          finite & (count > 0))
+                if not self.two_stage:
+                    self._keep_newest(self._window_size_now())
+            past_mean, past_sq = self._attach_window_gradient(past, slopes, weight).unbind(0)
+            mean = coef * mean_t + past_mean
+            var = (coef * sq_t + past_sq - mean * mean).clamp_min(0)
+            out = self._normalise(x.to(mean.dtype), mean, var)
         return out.to(x.dtype)
 
-    def _statistic_grads(self, xs, weight, conv_input):
-        """(W_t, dμ/dW as (groups, K), dν/dW as W's shape, groups) for the current iteration."""
+    def _wants_window_gradient(self):
+        # Read under no_grad: whether the caller's grad mode (outside the statistics block) is on.
+        return self.grad_through_window and self._grad_mode
+
+    def _statistic_grads(self, x, weight, conv_input):
+        """(W_t, dμ/dW as (groups, K), dν/dW as W's shape, groups) for the current iteration, float32+.
+
+        The slopes are computed from the conv's input and output in their own dtype (half under
+        autocast: the large tensors are not copied to float32) and returned in the statistics' dtype.
+        """
         conv = self.bound_conv
+        dtype = compute_dtype(x.dtype)
         if conv is not None and conv_input is not None:
             weight_t = (self._conv_weight(conv) if weight is None else weight).detach()
             with torch.no_grad():
-                inp = conv_input.to(xs.dtype)
+                inp = conv_input.to(x.dtype)
                 expected = conv_output_size(inp.shape[2:], conv.kernel_size, conv.stride, conv.padding,
                                             conv.dilation)
-                if inp.shape[0] != xs.shape[0] or tuple(xs.shape[2:]) != expected:
+                if inp.shape[0] != x.shape[0] or tuple(x.shape[2:]) != expected:
                     raise CBNBindError(
-                        f'{self._display_name()}: input {tuple(xs.shape)} is not the output of its bound '
+                        f'{self._display_name()}: input {tuple(x.shape)} is not the output of its bound '
                         f'conv (conv input {tuple(inp.shape)}); is the norm really fed by that conv?')
-                patch = mean_input_patch(inp, conv.kernel_size, conv.stride, conv.padding, conv.dilation)
-                mean_grad = patch.reshape(conv.groups, -1)
+                # (C_in, kh, kw) = (groups, K) in memory: flattened into the window row as it is
+                mean_grad = mean_input_patch(inp, conv.kernel_size, conv.stride, conv.padding, conv.dilation)
                 geometry = (weight_t.shape, conv.stride, conv.padding, conv.dilation, conv.groups)
                 if self._sample_step is None:
-                    sq_grad = second_moment_weight_grad(inp, xs.detach(), *geometry)
+                    sq_grad = second_moment_weight_grad(inp, x.detach(), *geometry)
                 else:
-                    step, phase = self._sample_grid(xs.shape[2:])
-                    sq_grad = sampled_second_moment_weight_grad(inp, xs.detach(), *geometry, step=step,
+                    step, phase = self._sample_grid(x.shape[2:])
+                    sq_grad = sampled_second_moment_weight_grad(inp, x.detach(), *geometry, step=step,
                                                                 phase=phase)
-            return weight_t, mean_grad, sq_grad, conv.groups
+            return weight_t.to(dtype), mean_grad, sq_grad.to(dtype), conv.groups
         if weight is None:
             raise CBNBindError(f'{self._display_name()}: the bound conv did not run before this layer '
                                '(no conv input captured); pass forward(x, weight) or fix the binding')
@@ -574,39 +708,16 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             raise CBNBindError(f'{self._display_name()}: sync=True needs a bound conv (closed-form '
                                'statistic gradients); bind it with cbn_mmdet.ops.bind_cbn_to_conv')
         # Explicit weight, no conv input: the official way, through autograd (slower, same values).
-        stats = (xs.mean((0, 2, 3)), (xs * xs).mean((0, 2, 3)))
-        grads = [torch.autograd.grad(stat.sum(), weight, retain_graph=True, allow_unused=True)[0]
-                 for stat in stats]
+        with torch.enable_grad():
+            xs = x.to(dtype)
+            stats = (xs.mean((0, 2, 3)), (xs * xs).mean((0, 2, 3)))
+            grads = [torch.autograd.grad(stat.sum(), weight, retain_graph=True, allow_unused=True)[0]
+                     for stat in stats]
         if grads[0] is None:
             raise CBNBindError(f'{self._display_name()}: the input does not depend on the weight passed '
                                'to forward(x, weight)')
         # One row per output channel: the compact (groups, K) layout with groups = C_out.
-        return weight.detach(), grads[0].detach().flatten(1), grads[1].detach(), weight.shape[0]
-
-    @torch.no_grad()
-    def _window_coefficients(self, mean_t, sq_t, weight_t):
-        """Compensate the window to ``weight_t``; return ``(c, A, B)`` with μ̄ = c·μ_t + A, S = c·ν_t + B.
-
-        Entries (the current one included) whose compensated ν − μ² < 0 are dropped; n counts the kept
-        ones, c = kept_t / n, A and B are the kept past sums over n. Every step runs the same fixed
-        sequence of batched ops (an empty slot is masked, not skipped): no branch on the window's state.
-        """
-        kept_t = (sq_t - mean_t * mean_t >= 0).to(mean_t.dtype)
-        past_mean, past_sq = self._compensated_window(weight_t, mean_t.dtype)
-        past_ok = self.window_filled.view(-1, 1) & (past_sq - past_mean * past_mean >= 0)
-        # where, not a product: an unfilled slot may hold anything (NaN of a skipped step included).
-        zero = mean_t.new_zeros(())
-        kept = kept_t + past_ok.sum(0)
-        past_mean_sum = torch.where(past_ok, past_mean, zero).sum(0)
-        past_sq_sum = torch.where(past_ok, past_sq, zero).sum(0)
-        # Guard (official: 0/0 = NaN): no valid entry -> the current batch alone, and count the event.
-        none_kept = kept == 0
-        self.num_fallbacks.add_(none_kept.any())
-        kept_t = kept_t.masked_fill(none_kept, 1.0)
-        kept = kept.masked_fill(none_kept, 1.0)
-        if self.grad_through_window:   # only that option reads the per-entry shares
-            self._last_past_kept = past_ok / kept
-        return kept_t / kept, past_mean_sum / kept, past_sq_sum / kept
+        return weight.detach().to(dtype), grads[0].detach().flatten(1), grads[1].detach(), weight.shape[0]
 
     def _sample_grid(self, out_size):
         """``(step, phase)`` of the fast mode for an output map ``out_size``: the grid is clamped to the
@@ -615,91 +726,57 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         a, b = divmod(self._iter_shadow % (rh * rw), rw)
         return (rh, rw), (a, b)
 
-    def _attach_window_gradient(self, past_mean, past_sq, weight, dtype):
-        """``grad_through_window``: give A, B their gradient w.r.t. the live conv weight (values unchanged).
+    def _window_slopes(self, shares):
+        """``grad_through_window``: ``(2, C, K)``, dA/dW_t and dB/dW_t of the window terms.
 
         A = Σ_τ w_τ·(μ_τ + ρ·(W_t − W_τ)·∂μ_τ/∂W) with w_τ = kept_τ / n is linear in W_t, so
-        dA_c/dW_t[c] = ρ·Σ_τ w_τ,c·∂μ_τ/∂W[g(c)] (same for B with ∂ν_τ/∂W). Adding
-        ``(W − W.detach())·dA/dW`` (exactly zero) attaches that gradient without re-running the window.
+        dA_c/dW_t[c] = ρ·Σ_τ w_τ,c·∂μ_τ/∂W[g(c)] (same for B with ∂ν_τ/∂W). Read before the current
+        entry is written over the oldest slot.
         """
-        shares = getattr(self, '_last_past_kept', None)
-        if shares is None:
-            return past_mean, past_sq
-        live = weight if weight is not None else self._conv_weight(self.bound_conv)
-        if not live.requires_grad:
-            return past_mean, past_sq
+        views = self._window_views()
         n, c = shares.shape
-        with torch.no_grad():
-            mean_grad = self.window_mean_grad.to(dtype)                          # (n, groups, K)
-            groups = mean_grad.shape[1]
-            share_g = shares.view(n, groups, c // groups)
-            d_mean = self.rho * torch.einsum('ngo,ngk->gok', share_g, mean_grad).reshape(c, -1)
-            d_sq = self.rho * torch.einsum('nc,nck->ck', shares, self.window_sq_grad.to(dtype))
-        w = live.to(dtype).reshape(c, -1)
-        zero = w - w.detach()
-        return past_mean + (zero * d_mean).sum(-1), past_sq + (zero * d_sq).sum(-1)
+        shares = shares * self.rho
+        mean_grad = views['mean_grad']                                            # (n, groups, K)
+        groups = mean_grad.shape[1]
+        if groups == 1:
+            d_mean = torch.mm(shares.t(), mean_grad.view(n, -1))
+        else:
+            d_mean = torch.einsum('ngo,ngk->gok', shares.view(n, groups, c // groups), mean_grad).reshape(c, -1)
+        d_sq = (shares.unsqueeze(-1) * views['sq_grad']).sum(0)
+        return torch.stack((d_mean, d_sq))
+
+    def _attach_window_gradient(self, stats, slopes, weight):
+        """Add ``(W − W.detach())·d[μ̄, S]/dW`` (exactly zero) to ``stats``: it attaches the window terms'
+        gradient w.r.t. the live conv weight without re-running the window."""
+        live = weight if weight is not None else self._conv_weight(self.bound_conv)
+        if slopes is None or not live.requires_grad:
+            return stats
+        w = live.to(slopes.dtype).reshape(slopes.shape[1], -1)
+        return stats + ((w - w.detach()) * slopes).sum(-1)
 
     def _compensated_window(self, weight_t, dtype):
-        """Every stored entry moved to ``weight_t``: ``(μ_τ(W_t), ν_τ(W_t))``, each ``(n, C)``.
-
-        The weight difference ``W_t − W_τ`` is formed first and then contracted with the stored slopes:
-        subtracting two large products ``Σ W_t·g − Σ W_τ·g`` instead would lose the (small) offset to
-        cancellation, badly so under TF32 matmuls.
-        """
-        n, c = self.window_mean.shape
-        delta = weight_t.to(dtype).reshape(1, c, -1) - self.window_weight.to(dtype)       # (n, C, K)
-        mean_grad = self.window_mean_grad.to(dtype)                                      # (n, groups, K)
-        groups = mean_grad.shape[1]
-        # Σ_k ΔW[c, k]·∂μ_τ/∂W[g(c), k]: one batched matrix-vector product over (entry, group).
-        mean_dot = torch.bmm(delta.view(n * groups, c // groups, -1), mean_grad.view(n * groups, -1, 1))
-        sq_dot = (delta * self.window_sq_grad.to(dtype)).sum(-1)                          # (n, C)
-        return (torch.add(self.window_mean.to(dtype), mean_dot.view(n, c), alpha=self.rho),
-                torch.add(self.window_sq.to(dtype), sq_dot, alpha=self.rho))
-
-    @torch.no_grad()
-    def _push(self, weight_t, mean_t, sq_t, mean_grad, sq_grad, groups, valid=None):
-        """Write the current entry over the oldest slot (a ring: order is irrelevant to a mean).
-
-        ``valid`` (a 0-dim bool tensor) is False for a step whose statistics are unusable (non-finite,
-        or an empty global batch under sync): the slot keeps its content and the ring does not advance,
-        without reading the flag on the host.
-        """
-        c = self.num_features
-        slot = self.window_head.view(1)
-        for name, value in (('window_weight', weight_t.reshape(c, -1)), ('window_mean_grad', mean_grad),
-                            ('window_sq_grad', sq_grad.reshape(c, -1)), ('window_mean', mean_t),
-                            ('window_sq', sq_t)):
-            buf = self._buffers[name]
-            value = value.to(buf.dtype).unsqueeze(0)
-            if valid is not None:   # keep the slot's old content unless valid, without a host read
-                value = torch.where(valid, value, buf.index_select(0, slot))
-            buf.index_copy_(0, slot, value)
-        if valid is None:
-            self.window_filled.index_fill_(0, slot, True)
-            self.window_head.add_(1).remainder_(self.buffer_num)
-        else:
-            self.window_filled.index_copy_(0, slot, self.window_filled.index_select(0, slot) | valid.view(1))
-            self.window_head.add_(valid).remainder_(self.buffer_num)
-
-    def _conv_buffer_shapes(self, weight_shape, groups, patch_len):
-        # Flat (entry, channel, K) layouts: 3-D, so .to(memory_format=channels_last) leaves them alone.
-        k = math.prod(weight_shape[1:])
-        return {'window_weight': (self.buffer_num, weight_shape[0], k),
-                'window_mean_grad': (self.buffer_num, groups, patch_len),
-                'window_sq_grad': (self.buffer_num, weight_shape[0], k)}
+        """Every stored entry moved to ``weight_t`` in ``dtype``: ``(μ_τ(W_t), ν_τ(W_t))``, each ``(n, C)``."""
+        views = window_views(self.window.to(dtype), self.num_features, self._groups)
+        return compensate(views, weight_t.to(dtype), self.rho).unbind(1)
 
     def _materialise(self, weight_shape, groups, patch_len):
-        """Give the conv-shaped buffers their final shapes (in place: DDP and copies keep their handles)."""
-        for name, shape in self._conv_buffer_shapes(weight_shape, groups, patch_len).items():
-            buf = self._buffers[name]
-            if buf.numel() == 0:
-                try:
-                    buf.resize_(shape).zero_()
-                except RuntimeError:   # storage from torch.load / a pickle is not resizable: replace it
-                    self._buffers[name] = buf.new_zeros(shape)
-            elif tuple(buf.shape) != shape:
-                raise RuntimeError(f'{self._display_name()}: {name} has shape {tuple(buf.shape)} but the '
-                                   f'conv needs {shape}; was a checkpoint of another model loaded?')
+        """Give the window its conv-shaped parts (at binding, before any copy of the model is taken)."""
+        self._materialise_layout(math.prod(weight_shape[1:]), groups)
+
+    def _materialise_layout(self, k, groups):
+        c = self.num_features
+        length = window_row_length(c, k, groups)
+        window = self._buffers['window']
+        if window.shape[1] == length and self._groups == groups:
+            return
+        if self.is_materialised:
+            raise RuntimeError(f'{self._display_name()}: window_weight has shape {tuple(self.window_weight.shape)} '
+                               f'and window_mean_grad {tuple(self.window_mean_grad.shape)} but the conv needs '
+                               f'({self.buffer_num}, {c}, {k}) and ({self.buffer_num}, {groups}, {k}); was a '
+                               'checkpoint of another model loaded?')
+        self._groups = groups
+        self._buffers['window'] = empty_window(self.buffer_num, length, c, dtype=window.dtype, device=window.device)
+        self._views = None
 
 
 def _check_bool(name, value):

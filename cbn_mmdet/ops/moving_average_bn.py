@@ -77,29 +77,52 @@ def _in_warmup(iters, num_rows, warmup_iters):
     return (iters <= num_rows) | (iters < warmup_iters)
 
 
-def _write_row(buffer, row, value):
-    buffer.index_copy_(0, row.view(1), value.view(1, -1).to(buffer.dtype))
+def _finite(t):
+    # t·0 == 0 exactly for finite t: a 0-dim bool tensor, never read on the host.
+    return (t * 0 == 0).all()
+
+
+def _write_row_if(buffer, row, value, ok):
+    """Row ``row`` of ``buffer`` := ``value`` if ``ok`` (0-dim bool), else unchanged: no host read."""
+    index = row.view(1)
+    buffer.index_copy_(0, index, torch.where(ok, value.view(1, -1).to(buffer.dtype), buffer.index_select(0, index)))
+
+
+def _loss_scale(scaler, dtype):
+    """The loss scale a GradScaler multiplied this backward's gradients by (a device tensor), or None."""
+    scale = None if scaler is None or not getattr(scaler, '_enabled', True) else getattr(scaler, '_scale', None)
+    return None if scale is None else scale.to(dtype).view(())
 
 
 class MovingAverageBNFunction(torch.autograd.Function):
     """One MABN training step; the backward is MABN's rule (see the module docstring).
 
     ``forward(ctx, x, weight, bias, running_var, buffer_x2, buffer_gz, iters, eps, momentum,
-    warmup_iters)``: ``x`` 4D; ``weight``/``bias`` of shape ``(C,)`` or ``None``; ``iters`` a long
-    scalar tensor holding the already-incremented counter. ``running_var`` and row ``iters % K``
-    of ``buffer_x2`` are updated in forward, row ``iters % K`` of ``buffer_gz`` in backward.
-    Everything is computed in ``x``'s dtype.
+    warmup_iters, scaler, deferred)``: ``x`` 4D; ``weight``/``bias`` of shape ``(C,)`` or ``None``;
+    ``iters`` a long scalar tensor holding the already-incremented counter; ``scaler`` a GradScaler whose
+    loss scale the gradients carry, or None.
+
+    What enters the moving averages (row ``iters % K`` of ``buffer_x2`` and ``buffer_gz``, and
+    ``running_var``) is written once the step's gradients are known (``deferred``: in backward), and only
+    if the step's statistic AND its gradient statistic are finite: an overflow step of mixed-precision
+    training, which the GradScaler skips, leaves every average as it was. ``buffer_gz`` holds unscaled
+    values (``gz / scale``): rows of steps with different loss scales average correctly, and the rule
+    uses ``scale · mean(rows)``. Without a backward (``deferred=False``: no gradient required) the forward
+    statistics are written in forward. Everything is computed in ``x``'s dtype.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_var, buffer_x2, buffer_gz, iters, eps, momentum, warmup_iters):
+    def forward(ctx, x, weight, bias, running_var, buffer_x2, buffer_gz, iters, eps, momentum, warmup_iters,
+                scaler, deferred):
         num_rows = buffer_x2.shape[0]
         row = iters % num_rows
         warm = _in_warmup(iters, num_rows, warmup_iters)
 
         x2 = x.square().mean(dim=(0, 2, 3))
-        _write_row(buffer_x2, row, x2)
-        var = torch.where(warm, x2, buffer_x2.to(x.dtype).mean(dim=0))
+        # The SMA with this step's x2 in row ``row``, without writing it yet.
+        stored = buffer_x2.to(x.dtype)
+        sma = (stored.sum(0) - stored.index_select(0, row.view(1)).view(-1) + x2) / num_rows
+        var = torch.where(warm, x2, sma)
         std = (var + eps).sqrt()
         z = x / _channel(std)
 
@@ -107,17 +130,23 @@ class MovingAverageBNFunction(torch.autograd.Function):
         r = std / (running_var.to(x.dtype) + eps).sqrt()
         r_forced = iters <= max(R_FREE_ITERS, warmup_iters)
         r = torch.where(r_forced, torch.ones_like(r), r.clamp(*R_CLIP))
-        running_var.mul_(momentum).add_(var.to(running_var.dtype), alpha=1.0 - momentum)
+        new_running = running_var * momentum + var.to(running_var.dtype) * (1.0 - momentum)
 
         scale = r if weight is None else r * weight
         y = z * _channel(scale)
         if bias is not None:
             y = y + _channel(bias)
 
+        forward_ok = _finite(x2)
+        if deferred:
+            ctx.commit = (running_var, new_running, buffer_x2, x2, forward_ok, iters)
+        else:
+            _commit_forward(running_var, new_running, buffer_x2, row, x2, forward_ok, iters)
+            ctx.commit = None
         ctx.save_for_backward(z, std, r, weight)
         # buffer_gz is written in backward (and by later steps): kept on ctx, not saved, so that
         # autograd's version check does not reject the in-place row write.
-        ctx.buffer_gz = buffer_gz
+        ctx.buffer_gz, ctx.scaler = buffer_gz, scaler
         ctx.row, ctx.warm = row, warm
         ctx.has_bias = bias is not None
         return y
@@ -127,9 +156,17 @@ class MovingAverageBNFunction(torch.autograd.Function):
         z, std, r, weight = ctx.saved_tensors
         g = grad_y * _channel(r if weight is None else r * weight)
         gz = (g * z).mean(dim=(0, 2, 3))
+        ok = _finite(gz)
+        if ctx.commit is not None:
+            running_var, new_running, buffer_x2, x2, forward_ok, iters = ctx.commit
+            ok = ok & forward_ok
+            _commit_forward(running_var, new_running, buffer_x2, ctx.row, x2, ok, iters)
+            ctx.commit = None
+        loss_scale = _loss_scale(ctx.scaler, gz.dtype)
         buffer_gz = ctx.buffer_gz
-        _write_row(buffer_gz, ctx.row, gz)
-        gz_stat = torch.where(ctx.warm, gz, buffer_gz.to(gz.dtype).mean(dim=0))
+        _write_row_if(buffer_gz, ctx.row, gz if loss_scale is None else gz / loss_scale, ok)
+        mean_gz = buffer_gz.to(gz.dtype).mean(dim=0)
+        gz_stat = torch.where(ctx.warm, gz, mean_gz if loss_scale is None else mean_gz * loss_scale)
 
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
@@ -138,7 +175,16 @@ class MovingAverageBNFunction(torch.autograd.Function):
             grad_w = (grad_y * z).sum(dim=(0, 2, 3)) * r
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_y.sum(dim=(0, 2, 3))
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None, None
+
+
+def _commit_forward(running_var, new_running, buffer_x2, row, x2, ok, iters):
+    """Write the step's forward statistics into the averages if ``ok`` (0-dim bool), else take the step
+    back from the counter, so that the next step uses this row and the run continues exactly as if the
+    skipped batch had never been seen. No host read."""
+    _write_row_if(buffer_x2, row, x2, ok)
+    running_var.copy_(torch.where(ok, new_running, running_var))
+    iters.sub_(ok.logical_not().to(iters.dtype))
 
 
 def _check_state(x, running_var, buffer_x2, buffer_gz, iters):
@@ -160,7 +206,7 @@ def _check_state(x, running_var, buffer_x2, buffer_gz, iters):
 
 
 def moving_average_bn(x, weight, bias, running_var, buffer_x2, buffer_gz, iters, eps=1e-5, momentum=0.98,
-                      warmup_iters=100):
+                      warmup_iters=100, grad_scaler=None):
     """Functional MABN training step (see the module docstring for the formulas).
 
     Args:
@@ -173,16 +219,24 @@ def moving_average_bn(x, weight, bias, running_var, buffer_x2, buffer_gz, iters,
         eps (float): added to the second moment. Default: 1e-5.
         momentum (float): weight of the OLD running_var. Default: 0.98.
         warmup_iters (int): iterations that use the current statistics. Default: 100.
+        grad_scaler: the ``torch.amp.GradScaler`` whose loss scale the gradients carry (mixed precision),
+            or None. Its scale is read on the device when the backward runs.
+
+    A step's statistics enter the buffers only if they and the step's gradient statistic are finite
+    (written in backward when a gradient is required, else in forward).
 
     Returns:
         Tensor: same shape and dtype as ``x``; statistics computed in at least float32.
     """
     _check_state(x, running_var, buffer_x2, buffer_gz, iters)
     dtype = compute_dtype(x.dtype)
+    deferred = torch.is_grad_enabled() and (x.requires_grad or any(
+        p is not None and p.requires_grad for p in (weight, bias)))
     with autocast_off(x.device.type):
         y = MovingAverageBNFunction.apply(
             x.to(dtype), None if weight is None else weight.to(dtype), None if bias is None else bias.to(dtype),
-            running_var, buffer_x2, buffer_gz, iters.view(()), float(eps), float(momentum), int(warmup_iters))
+            running_var, buffer_x2, buffer_gz, iters.view(()), float(eps), float(momentum), int(warmup_iters),
+            grad_scaler, deferred)
     return y.to(x.dtype)
 
 
@@ -246,6 +300,23 @@ class MovingAverageBatchNorm2d(_BatchNorm):
         self.register_buffer('iters', torch.zeros((), dtype=torch.long))
         self.register_buffer('buffer_x2', torch.zeros(num_rows, num_features))
         self.register_buffer('buffer_gz', torch.zeros(num_rows, num_features))
+        self._grad_scaler = None
+
+    def use_grad_scaler(self, scaler):
+        """Train under ``scaler`` (a ``torch.amp.GradScaler``; None: no loss scaling).
+
+        The backward statistic ``E[g·z]`` is averaged over steps: with a loss-scaled ``g`` each row would
+        carry its step's scale, and a scale change (growth, or the halving after an overflow) would mix
+        them. With the scaler known, rows are stored unscaled. ``cbn_mmdet``'s training entry attaches
+        mmengine's ``AmpOptimWrapper`` scaler automatically; in a hand-written loop call this once.
+        """
+        self._grad_scaler = scaler
+
+    def __getstate__(self):
+        # The scaler belongs to the training loop, not to the layer: copies (EMA, deepcopy, pickle) drop it.
+        state = self.__dict__.copy()
+        state['_grad_scaler'] = None
+        return state
 
     @property
     def buffer_size(self):
@@ -275,7 +346,8 @@ class MovingAverageBatchNorm2d(_BatchNorm):
         self.iters.add_(1)
         self.num_batches_tracked.add_(1)
         return moving_average_bn(input, self.weight, self.bias, self.running_var, self.buffer_x2, self.buffer_gz,
-                                 self.iters, eps=self.eps, momentum=self.momentum, warmup_iters=self.warmup_iters)
+                                 self.iters, eps=self.eps, momentum=self.momentum, warmup_iters=self.warmup_iters,
+                                 grad_scaler=getattr(self, '_grad_scaler', None))
 
     def _eval_forward(self, input):
         dtype = compute_dtype(input.dtype)

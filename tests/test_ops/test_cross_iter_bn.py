@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from cbn_mmdet.ops.cbn_binding import CBNBindError, bind_cbn_convs, bind_cbn_to_conv
+from cbn_mmdet.ops.cbn_window import combine, compensate
 from cbn_mmdet.ops.cross_iter_bn import CrossIterationBatchNorm2d
 from tests.oracles.official_cbn import OfficialCBNReference
 
@@ -138,26 +139,28 @@ def test_all_entries_invalid_falls_back_to_current_batch():
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
 
 
-def test_no_valid_entry_at_all_is_guarded():
-    """Official: 0/0 = NaN. Ours: the current batch alone, and the event is counted."""
+def test_no_valid_past_entry_leaves_the_current_batch_alone():
+    """Official: an entry is dropped when its compensated ν − μ² < 0. The current entry is a variance by
+    construction (ν_t = var_t + μ_t²), so it is always kept: with every past entry invalid the window mean
+    is the current batch's, never 0/0 (official: NaN when nothing is kept)."""
     conv, cbn = _bound(cin=2, cout=2, buffer_num=1)
     _step(conv, cbn, torch.randn(2, 2, 4, 4, dtype=DT))
     with torch.no_grad():
         cbn.window_mean.fill_(10.0)     # every past entry invalid: nu < mu^2
         cbn.window_sq.fill_(1.0)
-    mean_t = torch.tensor([0.5, -0.5], dtype=DT)
-    sq_t = torch.tensor([0.25 - 1e-12, 0.25], dtype=DT)   # channel 0's current entry rounds invalid
-    coef, past_mean, past_sq = cbn._window_coefficients(mean_t, sq_t, conv.weight.detach())
-    assert int(cbn.num_fallbacks) == 1
+    current = torch.tensor([[0.5, -0.5], [0.25 - 1e-12, 0.25]], dtype=DT)   # channel 0 rounds "invalid"
+    compensated = compensate(cbn._window_views(), conv.weight.detach(), cbn.rho)
+    stats, coef, valid = combine(current, compensated)
+    assert not valid.any()
     torch.testing.assert_close(coef, torch.ones(2, dtype=DT))          # current batch alone
-    torch.testing.assert_close(past_mean, torch.zeros(2, dtype=DT))
-    torch.testing.assert_close(past_sq, torch.zeros(2, dtype=DT))
-    # end to end: a clamped variance gives a finite output
+    torch.testing.assert_close(stats, current)
+    # end to end: a clamped variance gives a finite output and finite gradients
     with torch.no_grad():
         conv.weight.zero_()             # a constant (zero) conv output: variance exactly 0
     out = cbn(conv(torch.randn(2, 2, 4, 4, dtype=DT, requires_grad=True)))
     out.sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(conv.weight.grad).all()
+    assert int(cbn.num_fallbacks) == 0
 
 
 def test_empty_batch():

@@ -166,10 +166,13 @@ def test_r_forced_while_below_warmup_iters():
 def test_running_var_update_uses_old_value_weighting():
     layer = MovingAverageBatchNorm2d(C, momentum=0.75, B=1, real_B=1, warmup_iters=0).double()
     x = torch.randn(4, C, 2, 2, dtype=torch.float64)
-    layer(x)
+    layer(x).sum().backward()      # a training step: the averages take its statistics at its backward
     x2 = x.square().mean(dim=(0, 2, 3))
     torch.testing.assert_close(layer.running_var, 0.75 * torch.ones(C, dtype=torch.float64) + 0.25 * x2)
     assert torch.count_nonzero(layer.running_mean) == 0
+    with torch.no_grad():          # no backward will come: written at once
+        layer(x)
+    torch.testing.assert_close(layer.running_var, 0.75 * (0.75 + 0.25 * x2) + 0.25 * x2)
 
 
 # ----------------------------------------------------------------------------- gradients
@@ -232,11 +235,14 @@ def test_backward_is_not_the_true_gradient_with_the_moving_average():
 def test_function_is_exported_and_writes_gz_in_backward():
     running_var, buffer_x2, buffer_gz, iters = _functional_state(1, 1)
     x = torch.randn(2, C, 2, 2, dtype=torch.float64, requires_grad=True)
-    out = MovingAverageBNFunction.apply(x, None, None, running_var, buffer_x2, buffer_gz, iters, 1e-5, 0.9, 0)
-    assert torch.count_nonzero(buffer_gz) == 0  # written by the backward, not the forward
-    torch.testing.assert_close(buffer_x2[0], x.detach().square().mean(dim=(0, 2, 3)))
+    x2_before = buffer_x2.clone()
+    out = MovingAverageBNFunction.apply(x, None, None, running_var, buffer_x2, buffer_gz, iters, 1e-5, 0.9, 0,
+                                        None, True)
+    # a training step's statistics enter the averages at its backward, once its gradients are known
+    assert torch.count_nonzero(buffer_gz) == 0 and torch.equal(buffer_x2, x2_before)
     out.backward(torch.randn_like(out))
     assert torch.count_nonzero(buffer_gz) == C
+    torch.testing.assert_close(buffer_x2[0], x.detach().square().mean(dim=(0, 2, 3)))
 
 
 def test_two_forwards_then_one_backward():
@@ -294,8 +300,8 @@ def test_autocast_bf16_statistics_in_fp32():
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
     for name in ('running_var', 'buffer_x2', 'buffer_gz'):
         assert getattr(layer, name).dtype == torch.float32, name
-    torch.testing.assert_close(layer.buffer_x2[1], x.detach().float().square().mean(dim=(0, 2, 3)))
     out.float().sum().backward()
+    torch.testing.assert_close(layer.buffer_x2[1], x.detach().float().square().mean(dim=(0, 2, 3)))
     assert x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad.float()).all()
     assert torch.isfinite(layer.buffer_gz).all() and torch.count_nonzero(layer.buffer_gz[1]) == C
     with torch.autocast('cpu', dtype=torch.bfloat16):
