@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._amp import autocast_off, compute_dtype
+from ._bn_common import batch_mean_var, empty_batch_output, lerp_running_stats_, momentum_factor
 from ._validate import check_divides, check_eps, check_input_dim, check_positive_int, check_unit_interval
 
 __all__ = ['BatchChannelNorm2d']
@@ -150,21 +151,14 @@ class BatchChannelNorm2d(_BatchNorm):
         return None if tensor is None else tensor.to(dtype)
 
     def _empty_output(self, input):
-        # Routed through weight/bias so they still get (zero) gradients: DDP without
-        # find_unused_parameters expects every parameter to take part.
-        if self.weight is None:
-            return input.clone()
-        shape = (1, -1, 1, 1)
-        return input * self.weight.to(input.dtype).view(shape) + self.bias.to(input.dtype).view(shape)
+        return empty_batch_output(input, self.weight, self.bias)
 
     def _momentum_factor(self):
         """The running-statistics factor of this forward (as torch's ``_BatchNorm``)."""
         if not (self.training and self.track_running_stats):
             return 0.0  # unused: running statistics are not updated
         self.num_batches_tracked.add_(1)
-        if self.momentum is None:
-            return 1.0 / float(self.num_batches_tracked)
-        return self.momentum
+        return momentum_factor(self.momentum, self.num_batches_tracked, self.running_mean.dtype)
 
     def _stats_in(self, dtype):
         """Running statistics in the compute dtype (copies only when the buffers differ)."""
@@ -173,6 +167,12 @@ class BatchChannelNorm2d(_BatchNorm):
         return self.running_mean.to(dtype), self.running_var.to(dtype)
 
     def _batch_normalize(self, x, uses_batch_stats, factor):
+        if uses_batch_stats and isinstance(factor, torch.Tensor) and self.running_mean is not None:
+            # momentum=None: F.batch_norm takes only a float factor; update with the device-side one.
+            mean, var = batch_mean_var(x)
+            count = x.numel() // x.shape[1]
+            lerp_running_stats_(self.running_mean, self.running_var, mean, var * (count / max(count - 1, 1)), factor)
+            return F.batch_norm(x, None, None, None, None, True, 0.0, self.eps)
         mean, var = self._stats_in(x.dtype)
         out = F.batch_norm(x, mean, var, None, None, uses_batch_stats, factor, self.eps)
         if mean is not None and mean is not self.running_mean:
@@ -190,8 +190,7 @@ class BatchChannelNorm2d(_BatchNorm):
                 var = (x - old_mean).square().mean(dim=(0, 2, 3))
             else:
                 var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=1)
-            self.running_mean.mul_(1.0 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
-            self.running_var.mul_(1.0 - factor).add_(var.to(self.running_var.dtype), alpha=factor)
+            lerp_running_stats_(self.running_mean, self.running_var, mean, var, factor)
         # Copies: a later forward updates the buffers in place, and this step's backward must
         # still see this step's values (autograd would otherwise fail its version check).
         mean = self.running_mean.to(x.dtype, copy=True)

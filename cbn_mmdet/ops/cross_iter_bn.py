@@ -26,7 +26,8 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._amp import compute_dtype
+from ._amp import autocast_off, compute_dtype
+from ._bn_common import batch_mean_var, empty_batch_output, momentum_factor
 from ._validate import (
     check_eps,
     check_finite,
@@ -418,10 +419,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         check_input_dim(input, (4,), self._display_name())
 
     def _momentum_factor(self):
-        if self.momentum is None:
-            # A tensor: reading the counter on the host would synchronise every training step.
-            return 1.0 / self.num_batches_tracked.to(self.running_mean.dtype)
-        return self.momentum
+        return momentum_factor(self.momentum, self.num_batches_tracked, self.running_mean.dtype)
 
     def _normalise(self, x, mean, var):
         if self.eps_inside_sqrt:
@@ -492,15 +490,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         return self._window_forward(x, weight, conv_input)
 
     def _empty_output(self, x):
-        # Keep the graph connected to γ/β so that DDP sees every parameter used; x's dtype like a
-        # non-empty batch (under autocast γ is float32 and would promote the product).
-        out = x * 0 if self.weight is None else x * self.weight.view(1, -1, 1, 1)
-        out = out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
-        return out.to(x.dtype)
+        return empty_batch_output(x, self.weight, self.bias)
 
     def _eval_forward(self, x):
         dtype = torch.promote_types(x.dtype, torch.float32)
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             out = self._normalise(x.to(dtype), self.running_mean.to(dtype), self.running_var.to(dtype))
         return out.to(x.dtype)
 
@@ -520,13 +514,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             sq = (xs * xs).sum((0, 2, 3)) / max(count, 1)
             (mean, sq), total = sync_weighted_mean((mean, sq), count, group=self.process_group)
             return mean, sq - mean * mean, total
-        if x.device.type in ('cpu', 'cuda') and count > 0:
-            # BN's own (Welford) statistics kernel, one pass, float32 accumulation for half inputs;
-            # with float32 "running" tensors it returns float32 statistics (scratch: momentum 0).
-            scratch = (None, None) if x.dtype == dtype else (x.new_empty(x.shape[1], dtype=dtype),) * 2
-            mean, var = torch.ops.aten.batch_norm_update_stats(x, *scratch, 0.0)
-        else:
-            var, mean = torch.var_mean(x.to(dtype), dim=(0, 2, 3), correction=0)
+        mean, var = batch_mean_var(x)     # BN's one-pass (Welford) kernel, float32+ statistics
         return mean, var, count
 
     def _update_running_stats(self, mean, biased_var, count, finite):
@@ -577,7 +565,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
     def _plain_forward(self, x, update):
         synced = self._synced()
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             if synced:
                 mean, var, count = self._batch_moments(x)
             else:
@@ -615,7 +603,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self._grad_mode = torch.is_grad_enabled()
         if self._synced():
             return self._synced_window_forward(x, weight, conv_input)
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             with torch.no_grad():   # cbn_normalise differentiates through the moments itself
                 mean_t, var_t, count = self._batch_moments(x)
                 self._check_count(count)
@@ -643,7 +631,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         """SyncCBN's window step: the statistics are global (one all-reduce, differentiable) and the
         normalisation goes through autograd; a synced empty rank normalises its empty input too, so that
         its backward still joins the all-reduce of the statistics' gradients."""
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             mean_t, var_t, count = self._batch_moments(x)
             sq_t = var_t + mean_t * mean_t
             weight_t, mean_grad, sq_grad, groups = self._statistic_grads(x, weight, conv_input)

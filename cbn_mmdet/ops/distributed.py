@@ -113,7 +113,8 @@ def _as_count(count, dtype, device):
                         f'({type(count).__name__})')
     if count < 0:
         raise ValueError(f'sync_weighted_mean: count must be >= 0, got {count!r}')
-    return torch.tensor(float(count), dtype=dtype, device=device)
+    # torch.full, not torch.tensor: a fill kernel on the device instead of a blocking host-to-device copy.
+    return torch.full((), float(count), dtype=dtype, device=device)
 
 
 def sync_weighted_mean(tensors, count, group=None):

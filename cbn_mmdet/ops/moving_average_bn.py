@@ -50,6 +50,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._amp import autocast_off, compute_dtype
+from ._bn_common import empty_batch_output
 from ._validate import (
     check_divides,
     check_eps,
@@ -361,11 +362,7 @@ class MovingAverageBatchNorm2d(_BatchNorm):
         return out.to(input.dtype)
 
     def _empty_output(self, input):
-        # Routed through weight/bias so they still get (zero) gradients: DDP without
-        # find_unused_parameters expects every parameter to take part.
-        if self.weight is None:
-            return input.clone()
-        return input * _channel(self.weight.to(input.dtype)) + _channel(self.bias.to(input.dtype))
+        return empty_batch_output(input, self.weight, self.bias)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

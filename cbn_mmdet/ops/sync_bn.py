@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._amp import autocast_off
+from ._bn_common import batch_mean_var, lerp_running_stats_, momentum_factor
 from ._validate import check_eps, check_positive_int, check_unit_interval
 from .distributed import get_world_size, sync_weighted_mean
 
@@ -99,8 +100,8 @@ def sync_batch_norm(x, weight, bias, running_mean, running_var, momentum, eps, g
             with torch.no_grad():
                 if momentum is None:
                     factor = 1.0 / num_batches_tracked.to(stat_dtype)
-                else:
-                    factor = torch.tensor(momentum, dtype=stat_dtype, device=x.device)
+                else:   # a fill kernel, not a blocking copy of a host value
+                    factor = torch.full((), momentum, dtype=stat_dtype, device=x.device)
                 # Without any element there is nothing to learn from: keep the buffers.
                 factor = torch.where(total > 0, factor, torch.zeros_like(factor))
                 if running_mean is not None:
@@ -199,27 +200,33 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm, _BatchNorm):
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         group = self._own_sync_group(input)
-        if group is None:
+        # The cumulative average (momentum=None): torch's forward reads num_batches_tracked on the host
+        # (.item(), a sync per layer per step); ours keeps the factor on the device.
+        cumulative = self.training and self.momentum is None and self.track_running_stats
+        if cumulative and group is None and dist.is_available() and dist.is_initialized():
+            group = self.process_group if self.process_group else dist.group.WORLD
+        if group is None and not cumulative:
             return super().forward(input)
 
-        # Training mode on a device torch cannot synchronise: mirror torch's bookkeeping.
+        # Training mode torch cannot run as wanted: mirror torch's bookkeeping.
         track = self.track_running_stats
         if track:
             self.num_batches_tracked.add_(1)
         running_mean = self.running_mean if track else None
         running_var = self.running_var if track else None
-        if get_world_size(group) > 1:
+        if group is not None and get_world_size(group) > 1:
             return sync_batch_norm(input, self.weight, self.bias, running_mean, running_var,
                                    self.momentum, self.eps, group,
                                    num_batches_tracked=self.num_batches_tracked)
-        # A single-member group is plain BN, as torch does without a group (torch would raise on
-        # CPU input here). The .item() of the cumulative average is torch's too, and on CPU.
-        if self.momentum is None:
-            factor = 1.0 / self.num_batches_tracked.item() if track else 0.0
-        else:
-            factor = self.momentum
-        return F.batch_norm(input, running_mean, running_var, self.weight, self.bias, True, factor,
-                            self.eps)
+        # A single process is plain BN, as torch does without a group (torch would raise on CPU input).
+        if self.momentum is not None or not track:
+            return F.batch_norm(input, running_mean, running_var, self.weight, self.bias, True,
+                                self.momentum if track else 0.0, self.eps)
+        mean, var = batch_mean_var(input)
+        count = input.numel() // input.shape[1]
+        lerp_running_stats_(running_mean, running_var, mean, var * (count / max(count - 1, 1)),
+                            momentum_factor(None, self.num_batches_tracked, running_mean.dtype))
+        return F.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
 
     @classmethod
     def convert_sync_batchnorm(cls, module, process_group=None):

@@ -180,9 +180,6 @@ def test_rule_synchronising_copies():
         torch.full((), 3.0, device='meta')   # a fill kernel: no transfer
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason='ops/cross_iter_bn.py calls torch.autocast(x.device.type, '
-                   'enabled=False) directly (not _amp.autocast_off): "unsupported scalarType" on a device type '
-                   'without autocast, e.g. meta')
 def test_cbn_runs_on_a_device_without_autocast():
     model = to_meta(build_case('cbn_window'))
     train_steps(model, 2, device='meta')      # no meta_device() shim here

@@ -58,8 +58,6 @@ def test_no_host_sync(name, phase, mode):
     assert not names & SYNC_OPS, sorted(names & SYNC_OPS)
 
 
-@pytest.mark.xfail(strict=True, reason='ops/distributed.py:116 _as_count: torch.tensor(float(count), '
-                   'device=device) is a blocking host-to-device copy on every synced forward')
 def test_count_of_sync_weighted_mean_is_made_without_a_host_copy():
     stats = torch.randn(4), torch.randn(4)
     names = _profiled_names(lambda: sync_weighted_mean(stats, 12))
@@ -81,9 +79,7 @@ def one_process_group(tmp_path):
 
 @pytest.mark.parametrize('name', [
     'sync_bn', 'sync_cbn',
-    pytest.param('sync_bn_momentum_none', marks=pytest.mark.xfail(strict=True, reason=(
-        'ops/sync_bn.py:218 SyncBatchNorm.forward (a one-member group on CPU): '
-        '1.0 / num_batches_tracked.item() for momentum=None'))),
+    'sync_bn_momentum_none',
 ])
 def test_no_host_sync_in_a_one_process_group(name, one_process_group):
     model = build_case(name)
