@@ -36,7 +36,7 @@ _TINY_INV_STD = 1e-12
 class _CBNNormalise(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, var_raw, coef, var_factor, eps, eps_inside_sqrt, count):
+    def forward(ctx, x, weight, bias, mean, var_raw, coef, var_factor, eps, eps_inside_sqrt, count, commit):
         var = var_raw.clamp_min(0)
         if eps_inside_sqrt:
             std, var_in, bn_eps = None, var, eps
@@ -46,6 +46,7 @@ class _CBNNormalise(torch.autograd.Function):
         out = torch.ops.aten.native_batch_norm(x, weight, bias, mean, var_in, False, 0.0, bn_eps)[0]
         ctx.save_for_backward(x, weight, mean, var_in, std, var_raw, coef)
         ctx.config = (var_factor, eps, eps_inside_sqrt, count, bias is not None)
+        ctx.commit = commit
         return out
 
     @staticmethod
@@ -67,6 +68,9 @@ class _CBNNormalise(torch.autograd.Function):
         kernel_weight = ratio if weight is None else weight * ratio
         grad_x, centred, sum_g = torch.ops.aten.native_batch_norm_backward(
             grad_out, x, kernel_weight, None, None, mean, s, True, 0.0, [True, weight is not None, True])
+        if ctx.commit is not None:   # the layer's state takes this step only if Σg is finite too
+            ctx.commit.apply(sum_g)
+            ctx.commit = None
         if windowed:   # BN's constant has a, the window's c·a: add the difference (1 − c)·a·Σg/M
             a = inv if weight is None else weight * inv
             grad_x.add_((torch.addcmul(a, a, coef, value=-1) * sum_g).view(1, -1, 1, 1), alpha=1.0 / count)
@@ -78,11 +82,11 @@ class _CBNNormalise(torch.autograd.Function):
             grad_var = -0.5 * a * centred * s / cf          # dL/dσ̄² = −a·Σg(x−μ̄)·q/2, q = s²/(c·f)
             grad_mean = -a * sum_g
         return (grad_x, grad_weight, sum_g if has_bias else None, grad_mean, grad_var, None, None, None, None,
-                None)
+                None, None)
 
 
 def cbn_normalise(x, weight, bias, mean, var_raw, count, *, coef=None, var_factor=1.0, eps=1e-5,
-                  eps_inside_sqrt=False):
+                  eps_inside_sqrt=False, commit=None):
     """Normalise ``x`` (N, C, H, W) with CBN statistics; gradients flow to ``x`` through μ_t and ν_t.
 
     Args:
@@ -93,6 +97,8 @@ def cbn_normalise(x, weight, bias, mean, var_raw, count, *, coef=None, var_facto
         count: ``M``, elements per channel of the current batch.
         coef: window path: ``c`` ``(C,)``, the current entry's share of the window mean. None: plain path.
         var_factor: plain path: ``f`` with ``σ̄² = f·var_t`` (``M/(M−1)`` for the unbiased variance).
+        commit: a :class:`~cbn_mmdet.ops.cbn_window.StepCommit` applied in backward with ``Σ g``: the step's
+            statistics enter the layer's state only if its gradient is finite.
     """
     return _CBNNormalise.apply(x, weight, bias, mean, var_raw, coef, float(var_factor), float(eps),
-                               bool(eps_inside_sqrt), count)
+                               bool(eps_inside_sqrt), count, commit)

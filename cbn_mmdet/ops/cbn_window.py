@@ -18,7 +18,7 @@ host read, so a step never synchronises with the device and the functions trace 
 import torch
 
 __all__ = ['window_row_length', 'empty_window', 'window_views', 'compensate', 'combine', 'window_row',
-           'push_row_', 'keep_newest_', 'EMPTY_SQ']
+           'push_row_', 'keep_newest_', 'StepCommit', 'EMPTY_SQ']
 
 # Second moment of an empty slot: impossible for real data (E[y²] >= 0), so the slot is always dropped.
 EMPTY_SQ = -1.0
@@ -115,3 +115,39 @@ def keep_newest_(window, head, size, num_features):
     empty = torch.zeros_like(window[:1])
     empty[:, num_features:2 * num_features] = EMPTY_SQ
     window.copy_(torch.where(old, empty, window))
+
+
+class StepCommit:
+    """What one training step writes into a layer's state — running statistics, window entry, counter of
+    unusable steps — held until the step's backward has seen its gradient.
+
+    :meth:`apply` writes it only if the step's statistics (``check``) and the gradient statistic it is given
+    are finite: a mixed-precision overflow step, which a GradScaler skips, then enters no average, exactly as
+    a step with non-finite activations. Every write is a device-side ``where``, never a host read.
+    """
+
+    __slots__ = ('check', 'num_nonfinite', 'running', 'targets', 'factor', 'window', 'head', 'row', 'keep',
+                 'num_features', 'usable')
+
+    def __init__(self, check, num_nonfinite, running=(), targets=(), factor=0.0, window=None, head=None, row=None,
+                 keep=None, num_features=0, usable=None):
+        self.check, self.num_nonfinite, self.usable = check, num_nonfinite, usable
+        self.running, self.targets, self.factor = list(running), list(targets), factor
+        self.window, self.head, self.row, self.keep, self.num_features = window, head, row, keep, num_features
+
+    def apply(self, grad_stat=None):
+        total = self.check.sum() if grad_stat is None else self.check.sum() + grad_stat.sum()
+        ok = total * 0 == 0        # NaN for any ±Inf or NaN among them
+        self.num_nonfinite.add_(ok.logical_not())
+        if self.running:
+            targets = [torch.where(ok, t.to(r.dtype), r) for r, t in zip(self.running, self.targets)]
+            if isinstance(self.factor, torch.Tensor):
+                for r, t in zip(self.running, targets):
+                    r.lerp_(t, self.factor.to(r.dtype))
+            else:   # one multi-tensor kernel
+                torch._foreach_lerp_(self.running, targets, self.factor)
+        if self.window is not None:
+            # ``usable``: e.g. a synced layer's global batch was not empty
+            push_row_(self.window, self.head, self.row, ok if self.usable is None else ok & self.usable)
+            if self.keep is not None:
+                keep_newest_(self.window, self.head, self.keep, self.num_features)

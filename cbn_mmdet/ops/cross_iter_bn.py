@@ -46,11 +46,11 @@ from .cbn_stat_grads import (
 )
 from .cbn_window import (
     EMPTY_SQ,
+    StepCommit,
     combine,
     compensate,
     empty_window,
     keep_newest_,
-    push_row_,
     window_row,
     window_row_length,
     window_views,
@@ -517,41 +517,29 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         mean, var = batch_mean_var(x)     # BN's one-pass (Welford) kernel, float32+ statistics
         return mean, var, count
 
-    def _update_running_stats(self, mean, biased_var, count, finite):
-        """Move the running statistics towards this batch's, unless its statistics are not finite.
+    def _step_commit(self, check, mean, biased_var, count, row=None, usable=None):
+        """What this training step writes (running statistics, window entry), as a :class:`StepCommit`.
 
-        ``finite`` is a 0-dim bool tensor: the update is a lerp towards ``where(finite, batch, running)``,
-        so a non-finite step leaves them exactly as they were, without reading the flag on the host.
+        ``check``: the statistics whose finiteness decides (with the gradient's, when applied in backward)
+        whether the step enters anything; ``row``: the window entry, if any.
         """
-        if not self.track_running_stats:
-            return
-        factor = self._momentum_factor()
-        if isinstance(count, torch.Tensor):
-            # Global count of a synced batch (a tensor: no host sync). An empty global batch
-            # leaves the statistics untouched; a single value gives a zero variance.
-            factor = (count > 0).to(mean.dtype) * factor
-            unbiased = biased_var * (count / (count - 1).clamp_min(1))
-        else:
-            unbiased = biased_var * (count / (count - 1))
-        if isinstance(factor, torch.Tensor):
-            factor = factor.to(self.running_mean.dtype)
-        running = [self.running_mean, self.running_var]
-        targets = [torch.where(finite, batch.to(r.dtype), r) for r, batch in zip(running, (mean, unbiased))]
-        if isinstance(factor, torch.Tensor):
-            for r, target in zip(running, targets):
-                r.lerp_(target, factor)
-        else:   # one multi-tensor kernel for both
-            torch._foreach_lerp_(running, targets, factor)
-
-    def _finite(self, stats):
-        """0-dim bool: are the batch statistics finite? Counted in ``num_nonfinite`` when not.
-
-        ``s·0 == 0`` holds exactly for finite ``s`` (NaN for ±Inf and NaN): three ops, where isfinite is
-        several kernels per call.
-        """
-        finite = (stats * 0 == 0).all()
-        self.num_nonfinite.add_(finite.logical_not())
-        return finite
+        running, targets, factor = (), (), 0.0
+        if self.track_running_stats:
+            factor = self._momentum_factor()
+            if isinstance(count, torch.Tensor):
+                # Global count of a synced batch (a tensor: no host sync). An empty global batch
+                # leaves the statistics untouched; a single value gives a zero variance.
+                factor = (count > 0).to(mean.dtype) * factor
+                unbiased = biased_var * (count / (count - 1).clamp_min(1))
+            else:
+                unbiased = biased_var * (count / (count - 1))
+            running, targets = (self.running_mean, self.running_var), (mean, unbiased)
+        keep = None
+        if row is not None and not self.two_stage and self._window_size_now() < self.buffer_num:
+            keep = self._window_size_now()
+        return StepCommit(check, self.num_nonfinite, running, targets, factor,
+                          window=None if row is None else self.window, head=self.window_head, row=row, keep=keep,
+                          num_features=self.num_features, usable=usable)
 
     def _check_count(self, count):
         if isinstance(count, int) and count <= 1:
@@ -564,6 +552,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         return weight, bias
 
     def _plain_forward(self, x, update):
+        self._grad_mode = torch.is_grad_enabled()
         synced = self._synced()
         with autocast_off(x.device.type):
             if synced:
@@ -572,10 +561,14 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 with torch.no_grad():   # cbn_normalise differentiates through the moments itself
                     mean, var, count = self._batch_moments(x)
             self._check_count(count)
+            commit = None
             if update:
                 with torch.no_grad():
-                    finite = self._finite(mean.detach() + var.detach())
-                    self._update_running_stats(mean.detach(), var.detach(), count, finite)
+                    commit = self._step_commit(torch.stack((mean.detach(), var.detach())), mean.detach(),
+                                               var.detach(), count)
+                if synced or not (self._grad_mode and x.requires_grad):
+                    commit.apply()     # no backward of ours will see this step's gradient
+                    commit = None
                 self._join_slope_all_reduce(mean.dtype, x.device)
             if x.shape[0] == 0 and not synced:
                 return self._empty_output(x)
@@ -587,7 +580,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 out = self._normalise(x.to(mean.dtype), mean, var * factor)
                 return out.to(x.dtype)
             return cbn_normalise(x, *self._affine_params(mean.dtype), mean, var * factor, count,
-                                 var_factor=factor, eps=self.eps, eps_inside_sqrt=self.eps_inside_sqrt)
+                                 var_factor=factor, eps=self.eps, eps_inside_sqrt=self.eps_inside_sqrt,
+                                 commit=commit)
 
     def _join_slope_all_reduce(self, dtype, device):
         """A synced rank on the plain path joins the window path's all-reduce of ∂μ/∂W, ∂ν/∂W with
@@ -615,17 +609,14 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 compensated = compensate(self._window_views(), weight_t, self.rho)
                 stats, coef, valid = combine(current, compensated)
                 slopes = self._window_slopes(valid * coef) if self._wants_window_gradient() else None
-                finite = self._finite(current)
-                self._update_running_stats(mean_t, var_t, count, finite)
-                push_row_(window, self.window_head,
-                          window_row(mean_t, sq_t, weight_t, sq_grad, mean_grad, window.dtype), finite)
-                if not self.two_stage:
-                    self._keep_newest(self._window_size_now())
+                # Written at this step's backward, once its gradient is known to be finite.
+                commit = self._step_commit(current, mean_t, var_t, count,
+                                           row=window_row(mean_t, sq_t, weight_t, sq_grad, mean_grad, window.dtype))
             mean, sq = self._attach_window_gradient(stats, slopes, weight).unbind(0)
             if x.shape[0] == 0:
                 return self._empty_output(x)
             return cbn_normalise(x, *self._affine_params(mean.dtype), mean, torch.addcmul(sq, mean, mean, value=-1),
-                                 count, coef=coef, eps=self.eps, eps_inside_sqrt=self.eps_inside_sqrt)
+                                 count, coef=coef, eps=self.eps, eps_inside_sqrt=self.eps_inside_sqrt, commit=commit)
 
     def _synced_window_forward(self, x, weight, conv_input):
         """SyncCBN's window step: the statistics are global (one all-reduce, differentiable) and the
@@ -644,13 +635,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 stats, coef, valid = combine(current, compensated)
                 past = stats - coef * current
                 slopes = self._window_slopes(valid * coef) if self._wants_window_gradient() else None
-                finite = self._finite(current)
-                self._update_running_stats(mean_t.detach(), var_t.detach(), count, finite)
-                push_row_(self.window, self.window_head,
-                          window_row(mean_t.detach(), sq_t.detach(), weight_t, sq_grad, mean_grad, self.window.dtype),
-                          finite & (count > 0))
-                if not self.two_stage:
-                    self._keep_newest(self._window_size_now())
+                # Applied now: the entry is global (the same on every rank); a rank-local check of the
+                # gradient would let the ranks' windows part.
+                self._step_commit(current, mean_t.detach(), var_t.detach(), count,
+                                  row=window_row(mean_t.detach(), sq_t.detach(), weight_t, sq_grad, mean_grad,
+                                                 self.window.dtype), usable=count > 0).apply()
             past_mean, past_sq = self._attach_window_gradient(past, slopes, weight).unbind(0)
             mean = coef * mean_t + past_mean
             var = (coef * sq_t + past_sq - mean * mean).clamp_min(0)

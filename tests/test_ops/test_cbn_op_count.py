@@ -1,5 +1,5 @@
 """Aten ops per bound CBN training step (conv excluded), counted deterministically with the one counter
-in cbn_mmdet.benchmark.op_count. The budgets pin today's counts (69 default, 104 grad_through_window;
+in cbn_mmdet.benchmark.op_count. The budgets pin today's counts (71 default, 106 grad_through_window;
 147 and 192 before the packed window and the one-kernel backward) so that a regression fails; where the
 remaining ops go is in docs/cbn.md ("Operator count")."""
 import pytest
@@ -9,7 +9,7 @@ import torch.nn as nn
 from cbn_mmdet.benchmark.op_count import count_aten_ops, norm_step_op_count
 from cbn_mmdet.ops import CrossIterationBatchNorm2d
 
-BUDGETS = {'default': 70, 'grad_through_window': 105}
+BUDGETS = {'default': 71, 'grad_through_window': 106}
 
 
 def _case(norm):
