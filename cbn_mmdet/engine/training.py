@@ -74,6 +74,10 @@ def prepare_train_config(config, *, work_dir=None, cfg_options=None, launcher='n
     # A NaN/Inf loss stops the run (naming the iteration) instead of training on to exit 0.
     if nonfinite_check and not any(isinstance(h, dict) and h.get('type') == 'NonFiniteLossHook' for h in hooks):
         hooks = hooks + [dict(type='NonFiniteLossHook')]
+    # Under AMP, MABN must know the loss scale its gradient statistics carry (no-op without MABN).
+    if cfg.get('optim_wrapper', {}).get('type') == 'AmpOptimWrapper' and not any(
+            isinstance(h, dict) and h.get('type') == 'MABNGradScalerHook' for h in hooks):
+        hooks = hooks + [dict(type='MABNGradScalerHook')]
     cfg.custom_hooks = hooks
 
     ensure_config_data(cfg, logger=log)

@@ -17,7 +17,14 @@ The name lists other code needs (which types are CBN, which synchronise over pro
 import torch.nn as nn
 from mmengine.registry import HOOKS, MODELS
 
-from ..engine.hooks import CBNBurnInHook, NonFiniteLossHook, NormHealthHook, PreciseBNHook, RNGStateHook
+from ..engine.hooks import (
+    CBNBurnInHook,
+    MABNGradScalerHook,
+    NonFiniteLossHook,
+    NormHealthHook,
+    PreciseBNHook,
+    RNGStateHook,
+)
 from ..ops import (
     BatchChannelNorm2d,
     BatchRenorm2d,
@@ -47,6 +54,7 @@ CONV_LAYERS = {
 }
 HOOK_TYPES = {
     'CBNBurnInHook': CBNBurnInHook,
+    'MABNGradScalerHook': MABNGradScalerHook,
     'NonFiniteLossHook': NonFiniteLossHook,
     'NormHealthHook': NormHealthHook,
     'PreciseBNHook': PreciseBNHook,
