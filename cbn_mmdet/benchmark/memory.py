@@ -1,9 +1,9 @@
 """Memory measurements of the benchmarks (torch only).
 
-* Persistent state of a norm layer: the bytes of its ``state_dict`` tensors, its buffers and the tensors
-  it keeps in plain attributes between steps (CBN's per-entry offsets and work tensor; the official
-  layer's Python-list window). The *extra* state of a CBN layer is that minus the state of an
-  ``nn.BatchNorm2d`` of the same width.
+* Persistent state of a norm layer: the bytes of the storages behind its ``state_dict`` tensors, its
+  buffers and the tensors it keeps in plain attributes between steps (CBN's packed window and its views;
+  the official layer's Python-list window), each storage counted once. The *extra* state of a CBN layer
+  is that minus the state of an ``nn.BatchNorm2d`` of the same width.
 * Peak memory of one training step: on CUDA ``torch.cuda.max_memory_allocated`` above the memory
   allocated before the step; on CPU torch's profiler memory timeline (``profile_memory=True``): the
   maximum, over the step, of the bytes of tensors created during the step and still alive (tensors that
@@ -18,12 +18,18 @@ __all__ = ['module_state_bytes', 'peak_step_bytes', 'cbn_extra_bound_bytes']
 
 
 def _bytes(tensors):
+    """Bytes of the distinct storages behind ``tensors``: views of one packed buffer (a state_dict that
+    exposes named slices of it) count once, a stride-0 expanded tensor counts its one stored element."""
     seen, total = set(), 0
     for t in tensors:
-        if t is None or id(t) in seen:
+        if t is None:
             continue
-        seen.add(id(t))
-        total += t.numel() * t.element_size()
+        storage = t.untyped_storage()
+        key = (t.device, storage.data_ptr())
+        if key in seen:
+            continue
+        seen.add(key)
+        total += storage.nbytes()
     return total
 
 

@@ -101,6 +101,24 @@ def test_gap_to_the_floor_column():
     assert dict(zip(header, rows[0]))['CBN − floor (x BN)'] == ''
 
 
+class _PackedState(nn.Module):
+    """One packed buffer exposed as named views in state_dict and kept as views in an attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer('packed', torch.zeros(2, 10))
+        self.views = (self.packed[:, :4], self.packed[:, 4:])
+        self.stub = torch.zeros(1).expand(1000)          # stride 0: one stored float
+
+    def state_dict(self, *args, **kwargs):
+        return {'mean': self.views[0], 'sq': self.views[1]}
+
+
+def test_state_bytes_count_each_storage_once():
+    """Hand-derived: the packed buffer is 2 x 10 floats = 80 B, the stride-0 stub 4 B; views add nothing."""
+    assert module_state_bytes(_PackedState()) == 80 + 4
+
+
 def test_doc_section_is_replaced_in_place(tmp_path):
     path = str(tmp_path / 'bench.md')
     write_doc_section(path, 'a', 'first')
