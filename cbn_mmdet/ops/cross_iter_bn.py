@@ -50,7 +50,6 @@ from .cbn_window import (
     combine,
     compensate,
     empty_window,
-    keep_newest_,
     window_row,
     window_row_length,
     window_views,
@@ -176,6 +175,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self._groups = 1              # the bound conv's groups (the layout of the mean slopes)
         self._views = None            # (window, its named views), rebuilt when the buffer is replaced
         self._grad_mode = False       # grad mode of the current window forward (read inside no_grad)
+        self._keep_size = None        # two_stage=False: entries the window keeps after this step
+        self._sample_now = None       # fast mode: (step, phase) of this step's sampling grid
 
         # Host-side mirror of iter_count: the burn-in decision must not read a device tensor.
         self._iter_shadow = 0
@@ -451,11 +452,6 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             return False
         return x.requires_grad and torch.is_grad_enabled()
 
-    def _keep_newest(self, size):
-        """Forget all but the ``size`` newest entries (``two_stage=False`` while the window grows)."""
-        if size < self.buffer_num:
-            keep_newest_(self.window, self.window_head, size, self.num_features)
-
     def forward(self, x, weight=None):
         self._check_input_dim(x)
         if not (self.training or not self.track_running_stats):
@@ -468,13 +464,31 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             raise CBNBindError(self._bind_error or
                                f'{self._display_name()} has buffer_num={self.buffer_num} but no conv: '
                                'bind it (cbn_mmdet.ops.bind_cbn_to_conv) or call forward(x, weight)')
+        path, conv_input = self._begin_training_step(x, weight)
+        if path == 'eval':
+            return self._eval_forward(x)
+        if path == 'empty':
+            return self._empty_output(x)   # (a synced rank must still join the collectives: not 'empty')
+        if path == 'plain':
+            return self._plain_forward(x, update=True)
+        return self._window_forward(x, weight, conv_input)
+
+    @torch.compiler.disable
+    def _begin_training_step(self, x, weight):
+        """The host-side bookkeeping of a training forward: counters, the bound conv's captured tensors,
+        the path of this step (``'eval'`` for ``frozen``, ``'empty'``, ``'plain'``, ``'window'``).
+
+        Excluded from ``torch.compile`` graphs: the Python counter changes every step, and a graph that
+        read it would be recompiled every step; the path is one of four values (one graph each).
+        """
+        self._keep_size = None
         if self.frozen:
             # Official FROZEN: normalise with the running statistics and leave them (and the window)
             # alone; the forward counter still counts, like the official one.
             self.iter_count.add_(1)
             self._iter_shadow += 1
             self._conv_input = self._conv_output = None
-            return self._eval_forward(x)
+            return 'eval', None
         # Both counters in one multi-tensor kernel; iter_count counts every training forward, like the
         # official counter.
         torch._foreach_add_([self.num_batches_tracked, self.iter_count], 1)
@@ -484,16 +498,20 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         if weight is None:
             self._check_fed_by_conv(x, conv_output)
         if x.shape[0] == 0 and not self._synced():
-            return self._empty_output(x)   # a synced rank must still join the collectives
+            return 'empty', None
         if not self._use_window(x):
-            return self._plain_forward(x, update=True)
-        return self._window_forward(x, weight, conv_input)
+            return 'plain', None
+        if not self.two_stage and self._window_size_now() < self.buffer_num:
+            self._keep_size = self._window_size_now()
+        if self._sample_step is not None:
+            self._sample_now = self._sample_grid(x.shape[2:])
+        return 'window', conv_input
 
     def _empty_output(self, x):
         return empty_batch_output(x, self.weight, self.bias)
 
     def _eval_forward(self, x):
-        dtype = torch.promote_types(x.dtype, torch.float32)
+        dtype = compute_dtype(x.dtype)
         with autocast_off(x.device.type):
             out = self._normalise(x.to(dtype), self.running_mean.to(dtype), self.running_var.to(dtype))
         return out.to(x.dtype)
@@ -534,9 +552,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             else:
                 unbiased = biased_var * (count / (count - 1))
             running, targets = (self.running_mean, self.running_var), (mean, unbiased)
-        keep = None
-        if row is not None and not self.two_stage and self._window_size_now() < self.buffer_num:
-            keep = self._window_size_now()
+        keep = self._keep_size if row is not None else None
         return StepCommit(check, self.num_nonfinite, running, targets, factor,
                           window=None if row is None else self.window, head=self.window_head, row=row, keep=keep,
                           num_features=self.num_features, usable=usable)
@@ -674,7 +690,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 if self._sample_step is None:
                     sq_grad = second_moment_weight_grad(inp, x.detach(), *geometry)
                 else:
-                    step, phase = self._sample_grid(x.shape[2:])
+                    step, phase = self._sample_now
                     sq_grad = sampled_second_moment_weight_grad(inp, x.detach(), *geometry, step=step,
                                                                 phase=phase)
             return weight_t.to(dtype), mean_grad, sq_grad.to(dtype), conv.groups
