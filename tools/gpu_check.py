@@ -13,7 +13,8 @@ box); run it from a checkout (the official algorithm it times is the test oracle
 
 Without CUDA it is a dry run: float32/bf16/fp16-autocast/channels_last CPU runs against float64,
 ``GradScaler('cpu')`` overflow steps and torch.compile (inductor when a C++ compiler exists, else
-aot_eager); the CUDA-only checks (sync debug mode, timing, kernel counts) SKIP with the reason.
+aot_eager; dynamo's eager backend under ``--quick``); the CUDA-only checks (sync debug mode, timing, kernel
+counts) SKIP with the reason. ``--device cpu`` forces the dry run on a CUDA machine.
 
 Checks:
 
