@@ -21,10 +21,12 @@ _MOVED_HEADS = ('bbox_head.', 'mask_head.')
 
 
 def _cbn_only_buffers():
-    """Buffer names our CBN has and a BN (hence the official checkpoint) does not."""
+    """State-dict names our CBN has and a BN (hence the official checkpoint) does not (its window is one
+    packed buffer saved as named parts, so the state_dict is asked, not the buffers)."""
+    import torch.nn as nn
+
     from cbn_mmdet.ops import CrossIterationBatchNorm2d
-    bn_buffers = {'running_mean', 'running_var', 'num_batches_tracked'}
-    return {name for name, _ in CrossIterationBatchNorm2d(4, buffer_num=1).named_buffers()} - bn_buffers
+    return set(CrossIterationBatchNorm2d(4, buffer_num=1).state_dict()) - set(nn.BatchNorm2d(4).state_dict())
 
 
 def _rename(key):
