@@ -108,6 +108,8 @@ def summarize_matches(matches, num_samples=1000, seed=0, level=0.95, untrained_o
                 for name in matches:
                     if name == ref or (name, kind, iou) not in draws:
                         continue
+                    if name in REFERENCES and REFERENCES.index(name) < REFERENCES.index(ref):
+                        continue      # baseline vs BN is already there as BN vs baseline
                     a, b = out['ap'][name][kind][iou], out['ap'][ref][kind][iou]
                     diff = a['mean'] - b['mean']
                     low, high = percentile_interval(draws[name, kind, iou] - draws[ref, kind, iou], level)
@@ -178,7 +180,8 @@ def results_markdown(summary, untrained, total_seconds, setting=''):
              '## AP with the running statistics training left, and with PreciseBN', '',
              'PreciseBN: after training, the running mean/var of every BN-type layer (the backbone\'s SyncBN '
              'in every variant, and the FPN/head norm of BN, SyncBN, CBN) are replaced by the statistics of '
-             'their input over one pass of the training images in train mode, weights frozen (`PreciseBNHook`).',
+             'their input over training batches run in train mode, weights frozen (`PreciseBNHook`, '
+             '`num_iters` batches per process).',
              '',
              '| variant | norm in FPN + heads | AP^b | AP^b_50 | AP^b, PreciseBN | AP^m | AP^m_50 | AP^m, PreciseBN '
              '| train (s) |',
