@@ -56,12 +56,8 @@ ORACLE = osp.join(ROOT, 'tests', 'oracles', 'official_cbn.py')
 
 # Defects known today (check name -> what fails and where). A later fix turns the line into an XPASS FAIL.
 KNOWN_FAILURES = {
-    'amp_inf_grad/cbn_momentum_none': 'the skipped overflow step still counts in num_batches_tracked, so the '
-                                      'cumulative average (momentum=None) weighs later batches 1/(n+1)',
     'amp_inf_grad/cbn_stat_grad_sample': 'the fast mode\'s sampling-grid phase follows the host-side forward counter '
                                          '(ops/cross_iter_bn.py _sample_grid), which counts the skipped step',
-    'amp_inf_batch/cbn_momentum_none': 'the skipped non-finite step still counts in num_batches_tracked, so the '
-                                       'cumulative average (momentum=None) weighs later batches 1/(n+1)',
 }
 
 MODES = ('fp32', 'fp16_autocast', 'bf16_autocast', 'channels_last')

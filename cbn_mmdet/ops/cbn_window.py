@@ -127,18 +127,23 @@ class StepCommit:
     """
 
     __slots__ = ('check', 'num_nonfinite', 'running', 'targets', 'factor', 'window', 'head', 'row', 'keep',
-                 'num_features', 'usable')
+                 'num_features', 'usable', 'num_batches')
 
     def __init__(self, check, num_nonfinite, running=(), targets=(), factor=0.0, window=None, head=None, row=None,
-                 keep=None, num_features=0, usable=None):
+                 keep=None, num_features=0, usable=None, num_batches=None):
         self.check, self.num_nonfinite, self.usable = check, num_nonfinite, usable
+        # a refused step is taken back from this counter (the cumulative average's count)
+        self.num_batches = num_batches
         self.running, self.targets, self.factor = list(running), list(targets), factor
         self.window, self.head, self.row, self.keep, self.num_features = window, head, row, keep, num_features
 
     def apply(self, grad_stat=None):
         total = self.check.sum() if grad_stat is None else self.check.sum() + grad_stat.sum()
         ok = total * 0 == 0        # NaN for any ±Inf or NaN among them
-        self.num_nonfinite.add_(ok.logical_not())
+        refused = ok.logical_not()
+        self.num_nonfinite.add_(refused)
+        if self.num_batches is not None:
+            self.num_batches.sub_(refused.to(self.num_batches.dtype))
         if self.running:
             targets = [torch.where(ok, t.to(r.dtype), r) for r, t in zip(self.running, self.targets)]
             if isinstance(self.factor, torch.Tensor):

@@ -555,7 +555,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         keep = self._keep_size if row is not None else None
         return StepCommit(check, self.num_nonfinite, running, targets, factor,
                           window=None if row is None else self.window, head=self.window_head, row=row, keep=keep,
-                          num_features=self.num_features, usable=usable)
+                          num_features=self.num_features, usable=usable,
+                          num_batches=self.num_batches_tracked if self.momentum is None else None)
 
     def _check_count(self, count):
         if isinstance(count, int) and count <= 1:
