@@ -179,8 +179,9 @@ def write_markdown(path, sections, machine, args):
                      'conv; `cbn_mmdet.benchmark.op_count`, deterministic): *without conv* / *with conv* '
                      '(without = with − the ops of a plain conv of the same geometry):', '',
                      markdown_table(oheader, orows), '']
-        body += ['Memory: *extra state* = bytes of the layer\'s state_dict tensors and buffers (official: its '
-                'Python-list window) minus those of `nn.BatchNorm2d`; *step peak* = the peak of tensors '
+        body += ['Memory: *extra state* = bytes of the storages behind the layer\'s state_dict tensors, buffers '
+                'and kept attribute tensors, each storage once (official: its Python-list window) minus those of '
+                '`nn.BatchNorm2d`; *step peak* = the peak of tensors '
                 'allocated during one training step (CPU: torch.profiler memory timeline; CUDA: '
                 '`max_memory_allocated`). The budget is our `n·(3|W| + 2C) + 2|W|` floats; the '
                 'compared total is extra state + (CBN step peak − BN step peak).', '',
