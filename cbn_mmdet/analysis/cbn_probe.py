@@ -51,7 +51,8 @@ def cbn_window_statistics(conv, past, current_input, weight_t, rho=1.0, compensa
         for x, weight in reversed(past):
             with torch.no_grad():
                 probe.weight.copy_(weight)
-            layer(probe(x.detach().requires_grad_()))
+            # a training step enters CBN's window at its backward (once its gradient is known finite)
+            layer(probe(x.detach().requires_grad_())).sum().backward()
         with torch.no_grad():
             probe.weight.copy_(weight_t)
             if not compensate_sq:

@@ -36,7 +36,8 @@ def _loss_after_history(weight_last, history_weights, xs, probe):
     for weight, x in zip(history_weights, xs[:-1]):
         with torch.no_grad():
             conv.weight.copy_(weight)
-        norm(conv(x.requires_grad_()))
+        norm(conv(x.requires_grad_())).sum().backward()     # each step enters the window at its backward
+    assert int(norm.window_filled.sum()) == len(history_weights)
     with torch.no_grad():
         conv.weight.copy_(weight_last)
     out = norm(conv(xs[-1].requires_grad_()))
@@ -66,9 +67,10 @@ def test_cbn_gradient_differs_from_exact_gradient_once_the_window_fills():
         torch.manual_seed(2)
         conv, norm = _pair(full)
         for x in xs[:-1]:
-            norm(conv(x.clone().requires_grad_()))
+            norm(conv(x.clone().requires_grad_())).sum().backward()    # a step enters the window at its backward
             with torch.no_grad():
                 conv.weight.mul_(1.05)
+                conv.weight.grad = None
         out = norm(conv(xs[-1].clone().requires_grad_()))
         (out * probes[-1]).sum().backward()
         grads[full] = (out.detach(), conv.weight.grad)
