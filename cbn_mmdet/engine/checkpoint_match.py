@@ -57,7 +57,9 @@ def checkpoint_mismatches(model, state):
     model built for the check only.
     """
     own = model.state_dict()
-    lazy = {k for k, v in own.items() if v.numel() == 0}     # CBN's conv-shaped buffers before binding
+    # CBN's conv-shaped window parts before binding: 1-D and empty (a buffer_num=0 layer's (0, C) parts
+    # are real shapes and compared)
+    lazy = {k for k, v in own.items() if v.dim() == 1 and v.numel() == 0}
     shapes = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
               if k in own and k not in lazy and tuple(v.shape) != tuple(own[k].shape)]
     mismatched = {k for k, _, _ in shapes}

@@ -94,10 +94,18 @@ def test_custom_imports_registers(tmp_path):
 def test_hooks_are_registered_from_the_one_table():
     from mmengine.registry import HOOKS
 
-    from cbn_mmdet.engine import CBNBurnInHook, NonFiniteLossHook, NormHealthHook, RNGStateHook
+    from cbn_mmdet.engine.hooks import (
+        CBNBurnInHook,
+        MABNGradScalerHook,
+        NonFiniteLossHook,
+        NormHealthHook,
+        PreciseBNHook,
+        RNGStateHook,
+    )
     from cbn_mmdet.models import HOOK_TYPES
-    assert HOOK_TYPES == {'CBNBurnInHook': CBNBurnInHook, 'NonFiniteLossHook': NonFiniteLossHook,
-                          'NormHealthHook': NormHealthHook, 'RNGStateHook': RNGStateHook}
+    assert HOOK_TYPES == {'CBNBurnInHook': CBNBurnInHook, 'MABNGradScalerHook': MABNGradScalerHook,
+                          'NonFiniteLossHook': NonFiniteLossHook, 'NormHealthHook': NormHealthHook,
+                          'PreciseBNHook': PreciseBNHook, 'RNGStateHook': RNGStateHook}
     for name, cls in HOOK_TYPES.items():
         assert HOOKS.get(name) is cls
 
@@ -107,7 +115,7 @@ def test_type_name_lists_follow_the_classes():
     from cbn_mmdet.models import CBN_TYPES, NOT_SYNCBN_CONVERTIBLE, SYNC_NORM_TYPES
     assert set(CBN_TYPES) == {'CBN', 'SyncCBN'}
     assert set(SYNC_NORM_TYPES) == {'SyncCBN', 'SyncBN', 'TorchSyncBN', 'MMSyncBN'}
-    assert set(NOT_SYNCBN_CONVERTIBLE) == {'CBN', 'SyncCBN', 'BCN', 'MABN'}
+    assert set(NOT_SYNCBN_CONVERTIBLE) == {'CBN', 'SyncCBN', 'BCN', 'MABN', 'BRN'}
     for name in CBN_TYPES:
         assert issubclass(MODELS.get(name), ops.CrossIterationBatchNorm2d)
 
