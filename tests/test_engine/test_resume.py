@@ -28,8 +28,10 @@ class _RecordStartHook(Hook):
 
     def before_train(self, runner):
         model = runner.model.module if hasattr(runner.model, 'module') else runner.model
-        cbn = {name: copy.deepcopy(dict(m.named_buffers())) for name, m in model.named_modules()
-               if isinstance(m, CrossIterationBatchNorm2d)}
+        # the checkpointed state (the packed window is saved as its named parts), parameters aside
+        cbn = {name: copy.deepcopy({k: v for k, v in m.state_dict().items() if k not in ('weight', 'bias')})
+               for name, m in model.named_modules()
+               if isinstance(m, CrossIterationBatchNorm2d) and m.buffer_num > 0}   # (not the backbone's SyncBN)
         SEEN.append(dict(iter=runner.iter, epoch=runner.epoch, cbn=cbn))
 
 
