@@ -6,7 +6,7 @@ each estimator would normalise with against those of a large held-out batch at t
 Writes CSVs, a Markdown summary and PNG plots to --out. See docs/fidelity.md.
 
     python tools/analysis/detector_stats.py                       # the documented run (~10 min, 2 cores)
-    python tools/analysis/detector_stats.py --quick --out /tmp/ds  # seconds: one point, window 2
+    python tools/analysis/detector_stats.py --quick --out work_dirs/ds_quick   # seconds: one point, window 2
 """
 import argparse
 import os.path as osp
