@@ -113,6 +113,42 @@ def sync_batch_norm(x, weight, bias, running_mean, running_var, momentum, eps, g
     return out.to(x.dtype)
 
 
+_ddp_hook_handle = None
+
+
+def _accept_in_cpu_ddp(parent, name, module):
+    """Module-registration hook: let torch DDP wrap a CPU model holding this SyncBatchNorm.
+
+    DDP's constructor refuses every ``torch.nn.SyncBatchNorm`` in a CPU module ("SyncBatchNorm layers only
+    work with GPU modules") because torch's forward needs CUDA; ours synchronises on CPU itself (gloo), so
+    for a model whose synchronised BNs are all ours, DDP's check is narrowed to the layers that are not.
+    DDP assigns ``self.module`` before it runs the check, which is when this hook sees it.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+    if not (isinstance(parent, DistributedDataParallel) and name == 'module' and module is not None):
+        return None
+    if not any(isinstance(m, SyncBatchNorm) for m in module.modules()):
+        return None
+    original = type(parent)._passing_sync_batchnorm_handle
+
+    def check_foreign_sync_bn_only(ddp_self, wrapped):
+        foreign = [m for m in wrapped.modules() if isinstance(m, torch.nn.SyncBatchNorm)
+                   and not isinstance(m, SyncBatchNorm)]
+        if foreign:
+            return original(ddp_self, foreign[0])
+        return None
+
+    parent._passing_sync_batchnorm_handle = check_foreign_sync_bn_only.__get__(parent)
+    return None
+
+
+def _install_ddp_hook():
+    global _ddp_hook_handle
+    if _ddp_hook_handle is None:
+        from torch.nn.modules.module import register_module_module_registration_hook
+        _ddp_hook_handle = register_module_module_registration_hook(_accept_in_cpu_ddp)
+
+
 class SyncBatchNorm(torch.nn.SyncBatchNorm, _BatchNorm):
     r"""Synchronized Batch Normalization for CUDA *and* CPU process groups.
 
@@ -183,6 +219,7 @@ class SyncBatchNorm(torch.nn.SyncBatchNorm, _BatchNorm):
             extra['bias'] = False
         super().__init__(num_features, eps, momentum, affine, track_running_stats, process_group,
                          device=device, dtype=dtype, **extra)
+        _install_ddp_hook()
 
     def _own_sync_group(self, x):
         """Group to synchronise over where torch's forward cannot, else ``None`` (use torch's).

@@ -22,10 +22,9 @@
 #   variants. With one process (tools/train.py) the batch is 2 on that process and this is plain BN.
 # - Synchronised BN is written `synced_bn` below: SyncCBN with an empty window (buffer_num=0) and torch
 #   BN's conventions (eps inside the sqrt, biased variance to normalise, unbiased in running_var), i.e.
-#   BN over the images of all processes, computed like SyncBN (gradient through the all-reduce). Why not
-#   type='SyncBN': torch's DistributedDataParallel refuses any torch.nn.SyncBatchNorm (ours subclasses
-#   it) in a CPU module ("SyncBatchNorm layers only work with GPU modules"), so it cannot train on
-#   several gloo processes; on GPUs, type='SyncBN' is the same computation.
+#   BN over the images of all processes, computed like SyncBN (gradient through the all-reduce);
+#   type='SyncBN' is the same computation (it trains on several gloo processes too: cbn_mmdet lets torch
+#   DDP accept its CPU-capable SyncBN), and the demo's results were measured with this form.
 # - PreciseBN (cbn_mmdet's PreciseBNHook) after the last epoch: the final checkpoint carries running
 #   statistics re-estimated from `num_iters` training batches per process with the weights frozen;
 #   `original_stats.pth` in the work dir keeps the model with the statistics training left.
