@@ -24,7 +24,7 @@ import math
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from multiprocessing import get_context
 from typing import ClassVar
 
@@ -32,10 +32,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import study_tables as tables
 from .fashion_mnist import load_fashion_mnist
 from .nets import NORMS as DIGITS_NORMS
 from .small_batch import LABELS as DIGITS_LABELS
-from .study_config import write_csv
 
 __all__ = ['NORMS', 'LABELS', 'FMNISTConfig', 'variant_cfgs', 'load_subsets', 'build_net', 'train_one',
            'aggregate', 'markdown_table', 'plot_study', 'run_study']
@@ -153,20 +153,7 @@ def build_net(norm, batch_size, iters, cfg):
     return BasicResNet(conv_cfg=conv_cfg, norm_cfg=norm_cfg)
 
 
-def _lr_at(cfg, lr, it, total):
-    warmup = max(1, int(cfg.warmup_fraction * total))
-    if it < warmup:
-        return lr * (it + 1) / warmup
-    return 0.5 * lr * (1 + math.cos(math.pi * (it - warmup) / max(1, total - warmup)))
-
-
-@torch.no_grad()
-def _accuracy(net, x, y, batch=500):
-    net.eval()
-    correct = 0
-    for start in range(0, x.shape[0], batch):
-        correct += int((net(x[start:start + batch]).argmax(1) == y[start:start + batch]).sum())
-    return correct / x.shape[0]
+EVAL_BATCH = 500   # images per eval forward
 
 
 def train_one(cfg, data, norm, batch_size, seed):
@@ -175,20 +162,12 @@ def train_one(cfg, data, norm, batch_size, seed):
     total = max(1, int(round(cfg.epochs * x_train.shape[0] / batch_size)))
     torch.manual_seed(seed)
     net = build_net(norm, batch_size, total, cfg)
-    lr = cfg.base_lr * batch_size / cfg.base_batch
-    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(30_000 + seed)
-    order, pos = torch.randperm(x_train.shape[0], generator=gen), 0
+    lr, opt = tables.scaled_sgd(cfg, net, batch_size)
+    sampler = tables.batches(x_train.shape[0], batch_size, torch.Generator().manual_seed(30_000 + seed))
     losses, diverged = [], False
     start = time.perf_counter()
     net.train()
-    for it in range(total):
-        if pos + batch_size > order.numel():
-            order, pos = torch.randperm(x_train.shape[0], generator=gen), 0
-        idx = order[pos:pos + batch_size]
-        pos += batch_size
-        for group in opt.param_groups:
-            group['lr'] = _lr_at(cfg, lr, it, total)
+    for it, idx in tables.schedule(cfg, opt, lr, total, sampler):
         loss = F.cross_entropy(net(x_train[idx]), y_train[idx])
         value = float(loss.detach())   # CPU: no device sync to avoid
         losses.append(value)
@@ -201,12 +180,11 @@ def train_one(cfg, data, norm, batch_size, seed):
     train_seconds = time.perf_counter() - start
     tail = losses[-max(1, len(losses) // 10):]
     result = dict(norm=norm, batch_size=batch_size, seed=seed, iters=total, lr=lr,
-                  test_acc=_accuracy(net, x_test, y_test),
-                  train_acc=_accuracy(net, x_train[:1000], y_train[:1000]),
+                  test_acc=tables.accuracy(net, x_test, y_test, EVAL_BATCH),
+                  train_acc=tables.accuracy(net, x_train[:1000], y_train[:1000], EVAL_BATCH),
                   final_loss=float(np.mean(tail)), diverged=diverged, train_seconds=train_seconds,
                   ms_per_iter=1e3 * train_seconds / max(1, len(losses)))
-    fallbacks = [int(m.num_fallbacks) for m in net.modules() if hasattr(m, 'num_fallbacks')]
-    result['cbn_fallbacks'] = sum(fallbacks) if fallbacks else ''
+    result['cbn_fallbacks'] = tables.cbn_fallbacks(net.modules())
     return result
 
 
@@ -224,73 +202,43 @@ def _run_job(job):
 
 def aggregate(results, cfg):
     """One row per (norm, batch size): test accuracy mean/std/min over seeds (%), train accuracy, loss."""
-    rows = []
-    for norm in cfg.norms:
-        for b in cfg.batch_sizes:
-            runs = [r for r in results if r['norm'] == norm and r['batch_size'] == b]
-            acc = np.array([100 * r['test_acc'] for r in runs])
-            rows.append(dict(norm=norm, batch_size=b, acc_mean=float(acc.mean()),
-                             acc_std=float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
-                             acc_min=float(acc.min()), num_seeds=len(acc),
-                             train_acc=float(np.mean([100 * r['train_acc'] for r in runs])),
-                             final_loss=float(np.mean([r['final_loss'] for r in runs])),
-                             ms_per_iter=float(np.mean([r['ms_per_iter'] for r in runs])),
-                             seconds=float(np.sum([r['train_seconds'] for r in runs])),
-                             diverged=sum(r['diverged'] for r in runs)))
-    return rows
+    columns = dict(train_acc=tables.seed_mean('train_acc', 100), final_loss=tables.seed_mean('final_loss'),
+                   ms_per_iter=tables.seed_mean('ms_per_iter'),
+                   seconds=lambda runs: float(np.sum([r['train_seconds'] for r in runs])))
+    return tables.aggregate_seeds(results, cfg, columns)
 
 
 def markdown_table(rows, cfg, metric='acc'):
     """Rows: norms; columns: batch sizes. ``metric``: ``'acc'`` (test accuracy %, mean ± std over
     seeds), ``'train_acc'`` (%), ``'final_loss'`` or ``'ms_per_iter'``."""
-    lines = ['| norm | ' + ' | '.join(f'b={b}' for b in cfg.batch_sizes) + ' |',
-             '|' + '---|' * (len(cfg.batch_sizes) + 1)]
-    for norm in cfg.norms:
-        cells = []
-        for b in cfg.batch_sizes:
-            r = next(r for r in rows if r['norm'] == norm and r['batch_size'] == b)
-            if metric == 'acc':
-                cell = f"{r['acc_mean']:.1f} ± {r['acc_std']:.1f}"
-                if r['diverged']:
-                    cell += f" ({r['diverged']} diverged)"
-            elif metric == 'final_loss':
-                cell = f"{r['final_loss']:.3f}"
-            else:
-                cell = f'{r[metric]:.1f}'
-            cells.append(cell)
-        lines.append(f'| {LABELS[norm]} | ' + ' | '.join(cells) + ' |')
-    return '\n'.join(lines) + '\n'
+    return tables.markdown_table(rows, cfg, LABELS, {'final_loss': '.3f'}, metric)
 
 
-COLORS = {'bn': 'tab:gray', 'gn': 'tab:green', 'bcn': 'tab:orange', 'mabn': 'tab:purple', 'cbn': 'tab:blue',
-          'naive': 'tab:red', 'cbn_fullgrad': 'tab:cyan', 'brn': 'tab:brown'}
+COLORS = tables.COLORS   # the name this module has always exported
 
 
 def plot_study(rows, cfg, path, title=''):
     """Test accuracy against batch size (log2 axis), one line per norm with ± std error bars."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-
+    plt = tables.pyplot()
     fig, ax = plt.subplots(figsize=(7.0, 4.5))
     for i, norm in enumerate(cfg.norms):
-        pts = [r for r in rows if r['norm'] == norm]
-        xs = [r['batch_size'] * (1 + 0.025 * (i - len(cfg.norms) / 2)) for r in pts]   # dodge overlaps
+        pts, xs = tables.dodged(rows, norm, i, cfg, 0.025)
         ax.errorbar(xs, [r['acc_mean'] for r in pts], yerr=[r['acc_std'] for r in pts], marker='o', ms=4,
                     capsize=2, lw=1.4, color=COLORS.get(norm), label=LABELS[norm],
                     ls='--' if norm in ('naive', 'cbn_fullgrad') else '-')
-    ax.set_xscale('log', base=2)
-    ax.set_xticks(list(cfg.batch_sizes))
-    ax.set_xticklabels([str(b) for b in cfg.batch_sizes])
-    ax.set_xlabel('batch size (images per iteration; same epochs for all)')
+    tables.batch_axis(ax, cfg, 'batch size (images per iteration; same epochs for all)')
     ax.set_ylabel('test accuracy (%)')
     ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc='lower right')
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return tables.save_figure(fig, path)
+
+
+# The tables after the accuracy one in fmnist_table.md: (caption, metric of markdown_table).
+SECTIONS = (
+    tables.LOSS_SECTION,
+    ('Accuracy on 1000 of the training images in eval mode (%, mean over seeds)', 'train_acc'),
+    ('Training time per iteration (ms, mean over seeds, 1 thread per run)', 'ms_per_iter'),
+)
 
 
 def run_study(cfg, log=None):
@@ -326,23 +274,11 @@ def run_study(cfg, log=None):
     key = {n: i for i, n in enumerate(cfg.norms)}
     results.sort(key=lambda r: (key[r['norm']], r['batch_size'], r['seed']))
     rows = aggregate(results, cfg)
-    files = dict(runs=os.path.join(cfg.out, 'fmnist_runs.csv'), summary=os.path.join(cfg.out, 'fmnist_summary.csv'),
-                 table=os.path.join(cfg.out, 'fmnist_table.md'), plot=os.path.join(cfg.out, 'fmnist_acc.png'))
-    write_csv(files['runs'], results)
-    write_csv(files['summary'], rows)
-    settings = ', '.join(f'{k}={v}' for k, v in asdict(cfg).items())
-    with open(files['table'], 'w') as f:
-        f.write(f'Fashion-MNIST test accuracy (%) on {x_test.shape[0]} test images, mean ± std over seeds '
-                f'{list(cfg.seeds)}; {cfg.epochs:g} epoch(s) over {x_train.shape[0]} training images per run; '
-                f'data from {directory}; total {total:.0f} s with {cfg.workers} worker(s).\n\n')
-        f.write(markdown_table(rows, cfg))
-        f.write('\nTraining loss (train mode, last 10% of iterations, mean over seeds):\n\n')
-        f.write(markdown_table(rows, cfg, 'final_loss'))
-        f.write('\nAccuracy on 1000 of the training images in eval mode (%, mean over seeds):\n\n')
-        f.write(markdown_table(rows, cfg, 'train_acc'))
-        f.write('\nTraining time per iteration (ms, mean over seeds, 1 thread per run):\n\n')
-        f.write(markdown_table(rows, cfg, 'ms_per_iter'))
-        f.write(f'\nSettings: {settings}\n')
+    files = tables.study_files(cfg.out, 'fmnist')
+    intro = (f'Fashion-MNIST test accuracy (%) on {x_test.shape[0]} test images, mean ± std over seeds '
+             f'{list(cfg.seeds)}; {cfg.epochs:g} epoch(s) over {x_train.shape[0]} training images per run; '
+             f'data from {directory}; total {total:.0f} s with {cfg.workers} worker(s).\n\n')
+    tables.write_outputs(files, results, rows, cfg, intro, markdown_table, SECTIONS)
     title = (f'Fashion-MNIST, ResNet-8: {cfg.epochs:g} epoch(s) of {x_train.shape[0]} images, '
              f'{x_test.shape[0]} test images, mean ± std over {len(cfg.seeds)} seeds')
     plot_study(rows, cfg, files['plot'], title)
