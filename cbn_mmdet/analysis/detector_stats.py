@@ -60,6 +60,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .cbn_probe import cbn_window_statistics
 from .stat_estimators import mean_error, var_error
 from .study_config import write_csv
+from .study_tables import save_figure
 
 __all__ = ['DetectorStatsConfig', 'NormProbe', 'DetectorStatsHook', 'ESTIMATORS', 'GROUPS', 'layer_group',
            'study_layers', 'batch_statistics', 'union_statistics', 'window_estimates', 'logvar_error',
@@ -650,7 +651,7 @@ def plot_detector_stats(stats_cfg, summary, by_iter, info):
                 ax.set_ylabel(label, fontsize=8)
     axes[0][0].legend(fontsize=6)
     fig.tight_layout()
-    files['plot_window'] = _save(fig, stats_cfg.out, 'detector_stats_vs_window.png')
+    files['plot_window'] = save_figure(fig, os.path.join(stats_cfg.out, 'detector_stats_vs_window.png'))
 
     k = _iter_window(stats_cfg)
     fig, axes = plt.subplots(2, len(GROUPS), figsize=(3.4 * len(GROUPS), 5.6), squeeze=False)
@@ -680,14 +681,6 @@ def plot_detector_stats(stats_cfg, summary, by_iter, info):
             twin.set_ylabel('learning rate', fontsize=7, color='tab:olive')
     axes[0][0].legend(fontsize=6)
     fig.tight_layout()
-    files['plot_iter'] = _save(fig, stats_cfg.out, 'detector_stats_vs_iter.png')
+    files['plot_iter'] = save_figure(fig, os.path.join(stats_cfg.out, 'detector_stats_vs_iter.png'))
     return files
-
-
-def _save(fig, out, name):
-    import matplotlib.pyplot as plt
-    path = os.path.join(out, name)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 

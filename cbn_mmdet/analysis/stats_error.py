@@ -48,6 +48,7 @@ from .cbn_probe import cbn_window_statistics
 from .nets import POOL_AFTER, SmallConvNet
 from .stat_estimators import ESTIMATORS, compensate, exact_entry, mean_error, pooled_moments, record_entry, var_error
 from .study_config import StudyConfig, write_csv
+from .study_tables import save_figure
 
 __all__ = ['StatsErrorConfig', 'GhostBatchNorm2d', 'probe_forward', 'run_trajectory', 'run_stats_error', 'summarise',
            'markdown_summary', 'plot_stats_error', 'ALL_ESTIMATORS']
@@ -467,7 +468,7 @@ def plot_stats_error(cfg, summary_main, summary_lr, drift_main, drift_lr):
             _label_grid(ax, row, col, f'batch {b}, lr {cfg.lr:g}', 'window k = buffer_num + 1', label)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    files['plot_window'] = _save(fig, cfg.out, 'stats_error_vs_window.png')
+    files['plot_window'] = save_figure(fig, os.path.join(cfg.out, 'stats_error_vs_window.png'))
     # 2. error vs batch size at each window in a small set.
     ks = [k for k in (2, 4, max(cfg.windows)) if k in cfg.windows] or [max(cfg.windows)]
     fig, axes = plt.subplots(2, len(ks), figsize=(3.6 * len(ks), 6.2), squeeze=False)
@@ -479,7 +480,7 @@ def plot_stats_error(cfg, summary_main, summary_lr, drift_main, drift_lr):
             _label_grid(ax, row, col, f'window k={k} (buffer_num={k - 1}), lr {cfg.lr:g}', 'batch size', label)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    files['plot_batch'] = _save(fig, cfg.out, 'stats_error_vs_batch.png')
+    files['plot_batch'] = save_figure(fig, os.path.join(cfg.out, 'stats_error_vs_batch.png'))
     # 3. learning-rate sweep at lr_sweep_batch: error vs lr at the largest window; drift vs tau.
     lrs = sorted({r['lr'] for r in summary_lr})
     k = max(cfg.windows)
@@ -503,7 +504,7 @@ def plot_stats_error(cfg, summary_main, summary_lr, drift_main, drift_lr):
     ax.set_title('one stale entry vs exact: |nu_hat - nu| / s2')
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    files['plot_lr'] = _save(fig, cfg.out, 'stats_error_vs_lr.png')
+    files['plot_lr'] = save_figure(fig, os.path.join(cfg.out, 'stats_error_vs_lr.png'))
     # 4. drift of single entries at the main lr, per batch size.
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for metric, ax, label in (('mean_err', axes[0], '|mu_hat - mu_exact| / sigma'),
@@ -520,13 +521,5 @@ def plot_stats_error(cfg, summary_main, summary_lr, drift_main, drift_lr):
         ax.set_title(label + f', lr {cfg.lr:g}', fontsize=9)
     axes[0].legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    files['plot_drift'] = _save(fig, cfg.out, 'stats_error_drift.png')
+    files['plot_drift'] = save_figure(fig, os.path.join(cfg.out, 'stats_error_drift.png'))
     return files
-
-
-def _save(fig, out, name):
-    import matplotlib.pyplot as plt
-    path = os.path.join(out, name)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
