@@ -8,7 +8,8 @@ import torch
 
 from ._amp import compute_dtype
 
-__all__ = ['momentum_factor', 'lerp_running_stats_', 'batch_mean_var', 'empty_batch_output']
+__all__ = ['momentum_factor', 'lerp_running_stats_', 'batch_mean_var', 'empty_batch_output',
+           'check_values_per_channel']
 
 
 def momentum_factor(momentum, num_batches_tracked, dtype):
@@ -54,3 +55,15 @@ def empty_batch_output(x, weight, bias):
     shape = (1, -1) + (1,) * (x.dim() - 2)
     out = x * 0 if weight is None else x * weight.to(x.dtype).view(shape)
     return out if bias is None else out + bias.to(x.dtype).view(shape)
+
+
+def check_values_per_channel(shape, owner, when='training'):
+    """Batch statistics need more than one value per channel (a variance of one value is 0/0): refuse
+    such an input in one line naming the layer and the shape, as torch's BN does."""
+    count = 1
+    for i, size in enumerate(shape):
+        if i != 1:
+            count *= size
+    if count <= 1:   # (callers return an empty batch's output before asking)
+        raise ValueError(f'{owner}: expected more than 1 value per channel when {when}, got input of shape '
+                         f'{tuple(shape)}')

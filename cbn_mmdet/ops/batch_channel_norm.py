@@ -19,7 +19,13 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._amp import autocast_off, compute_dtype
-from ._bn_common import batch_mean_var, empty_batch_output, lerp_running_stats_, momentum_factor
+from ._bn_common import (
+    batch_mean_var,
+    check_values_per_channel,
+    empty_batch_output,
+    lerp_running_stats_,
+    momentum_factor,
+)
 from ._validate import check_divides, check_eps, check_input_dim, check_positive_int, check_unit_interval
 
 __all__ = ['BatchChannelNorm2d']
@@ -131,9 +137,8 @@ class BatchChannelNorm2d(_BatchNorm):
         if input.numel() == 0:
             return self._empty_output(input)
         uses_batch_stats = self.training or self.running_mean is None
-        if uses_batch_stats and input.numel() // input.size(1) <= 1:
-            raise ValueError(f'{type(self).__name__}: expected more than 1 value per channel when '
-                             f'using batch statistics, got input of shape {tuple(input.shape)}')
+        if uses_batch_stats:
+            check_values_per_channel(input.shape, type(self).__name__, when='using batch statistics')
         with autocast_off(input.device.type):
             x = input.to(compute_dtype(input.dtype))
             factor = self._momentum_factor()

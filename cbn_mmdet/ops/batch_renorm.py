@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._amp import autocast_off, compute_dtype
+from ._bn_common import check_values_per_channel
 from ._validate import (
     check_eps,
     check_finite,
@@ -89,10 +90,8 @@ def batch_renorm(x, weight, bias, running_mean, running_var, r_limit, d_limit, e
         Tensor: same shape and dtype as ``x``; statistics in at least float32.
     """
     check_input_dim(x, (4,), 'batch_renorm')
+    check_values_per_channel(x.shape, 'batch_renorm')
     count = x.numel() // x.size(1)
-    if count <= 1:
-        raise ValueError(f'batch_renorm: expected more than 1 value per channel when training, got input of '
-                         f'shape {tuple(x.shape)}')
     dtype = compute_dtype(x.dtype)
     with autocast_off(x.device.type):
         xc = x.to(dtype)
@@ -202,9 +201,7 @@ class BatchRenorm2d(_BatchNorm):
             return self._empty_output(input)
         if not self.training:
             return self._eval_forward(input)
-        if input.numel() // input.size(1) <= 1:
-            raise ValueError(f'{type(self).__name__}: expected more than 1 value per channel when training, '
-                             f'got input of shape {tuple(input.shape)}')
+        check_values_per_channel(input.shape, type(self).__name__)
         self.iters.add_(1)
         self.num_batches_tracked.add_(1)
         r_limit, d_limit = renorm_limits(self.iters, self.r_max, self.d_max, self.warmup_iters, self.r_ramp_iters,

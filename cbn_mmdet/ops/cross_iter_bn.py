@@ -27,7 +27,7 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._amp import autocast_off, compute_dtype
-from ._bn_common import batch_mean_var, empty_batch_output, momentum_factor
+from ._bn_common import batch_mean_var, check_values_per_channel, empty_batch_output, momentum_factor
 from ._validate import (
     check_eps,
     check_finite,
@@ -558,10 +558,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                           num_features=self.num_features, usable=usable,
                           num_batches=self.num_batches_tracked if self.momentum is None else None)
 
-    def _check_count(self, count):
-        if isinstance(count, int) and count <= 1:
-            raise ValueError(f'{self._display_name()}: expected more than 1 value per channel when '
-                             f'training, got {count}')
+    def _check_count(self, x):
+        if not self._synced():   # (a synced layer's count is global, checked on the device)
+            check_values_per_channel(x.shape, self._display_name())
 
     def _affine_params(self, dtype):
         weight = None if self.weight is None else self.weight.to(dtype)
@@ -577,7 +576,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             else:
                 with torch.no_grad():   # cbn_normalise differentiates through the moments itself
                     mean, var, count = self._batch_moments(x)
-            self._check_count(count)
+            self._check_count(x)
             commit = None
             if update:
                 with torch.no_grad():
@@ -617,7 +616,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         with autocast_off(x.device.type):
             with torch.no_grad():   # cbn_normalise differentiates through the moments itself
                 mean_t, var_t, count = self._batch_moments(x)
-                self._check_count(count)
+                self._check_count(x)
                 sq_t = torch.addcmul(var_t, mean_t, mean_t)
                 current = torch.stack((mean_t, sq_t))
                 weight_t, mean_grad, sq_grad, groups = self._statistic_grads(x, weight, conv_input)
