@@ -9,7 +9,7 @@ import torch
 from ._amp import compute_dtype
 
 __all__ = ['momentum_factor', 'lerp_running_stats_', 'batch_mean_var', 'empty_batch_output',
-           'check_values_per_channel']
+           'check_values_per_channel', 'write_row_if_']
 
 
 def momentum_factor(momentum, num_batches_tracked, dtype):
@@ -67,3 +67,10 @@ def check_values_per_channel(shape, owner, when='training'):
     if count <= 1:   # (callers return an empty batch's output before asking)
         raise ValueError(f'{owner}: expected more than 1 value per channel when {when}, got input of shape '
                          f'{tuple(shape)}')
+
+
+def write_row_if_(buffer, row, value, ok):
+    """Row ``row`` (a 0-dim long tensor) of ``buffer`` := ``value`` if ``ok`` (a 0-dim bool tensor), else
+    unchanged, without reading either on the host: the row is rewritten with its own content."""
+    index = row.view(1)
+    buffer.index_copy_(0, index, torch.where(ok, value.to(buffer.dtype), buffer.index_select(0, index)))

@@ -17,6 +17,8 @@ host read, so a step never synchronises with the device and the functions trace 
 """
 import torch
 
+from ._bn_common import lerp_running_stats_, write_row_if_
+
 __all__ = ['window_row_length', 'empty_window', 'window_views', 'compensate', 'combine', 'window_row',
            'push_row_', 'keep_newest_', 'StepCommit', 'EMPTY_SQ']
 
@@ -102,8 +104,7 @@ def push_row_(window, head, row, valid):
     ``valid`` (0-dim bool tensor) False keeps the slot's content and the ring position, without reading
     the flag on the host: the slot is rewritten with its own content.
     """
-    slot = head.view(1)
-    window.index_copy_(0, slot, torch.where(valid, row, window.index_select(0, slot)))
+    write_row_if_(window, head, row, valid)
     head.add_(valid).remainder_(window.shape[0])
 
 
@@ -145,12 +146,8 @@ class StepCommit:
         if self.num_batches is not None:
             self.num_batches.sub_(refused.to(self.num_batches.dtype))
         if self.running:
-            targets = [torch.where(ok, t.to(r.dtype), r) for r, t in zip(self.running, self.targets)]
-            if isinstance(self.factor, torch.Tensor):
-                for r, t in zip(self.running, targets):
-                    r.lerp_(t, self.factor.to(r.dtype))
-            else:   # one multi-tensor kernel
-                torch._foreach_lerp_(self.running, targets, self.factor)
+            mean, var = (torch.where(ok, t.to(r.dtype), r) for r, t in zip(self.running, self.targets))
+            lerp_running_stats_(*self.running, mean, var, self.factor)
         if self.window is not None:
             # ``usable``: e.g. a synced layer's global batch was not empty
             push_row_(self.window, self.head, self.row, ok if self.usable is None else ok & self.usable)

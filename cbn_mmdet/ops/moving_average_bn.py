@@ -50,7 +50,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._amp import autocast_off, compute_dtype
-from ._bn_common import empty_batch_output
+from ._bn_common import empty_batch_output, write_row_if_
 from ._validate import (
     check_divides,
     check_eps,
@@ -81,12 +81,6 @@ def _in_warmup(iters, num_rows, warmup_iters):
 def _finite(t):
     # t·0 == 0 exactly for finite t: a 0-dim bool tensor, never read on the host.
     return (t * 0 == 0).all()
-
-
-def _write_row_if(buffer, row, value, ok):
-    """Row ``row`` of ``buffer`` := ``value`` if ``ok`` (0-dim bool), else unchanged: no host read."""
-    index = row.view(1)
-    buffer.index_copy_(0, index, torch.where(ok, value.view(1, -1).to(buffer.dtype), buffer.index_select(0, index)))
 
 
 def _loss_scale(scaler, dtype):
@@ -165,7 +159,7 @@ class MovingAverageBNFunction(torch.autograd.Function):
             ctx.commit = None
         loss_scale = _loss_scale(ctx.scaler, gz.dtype)
         buffer_gz = ctx.buffer_gz
-        _write_row_if(buffer_gz, ctx.row, gz if loss_scale is None else gz / loss_scale, ok)
+        write_row_if_(buffer_gz, ctx.row, gz if loss_scale is None else gz / loss_scale, ok)
         mean_gz = buffer_gz.to(gz.dtype).mean(dim=0)
         gz_stat = torch.where(ctx.warm, gz, mean_gz if loss_scale is None else mean_gz * loss_scale)
 
@@ -183,7 +177,7 @@ def _commit_forward(running_var, new_running, buffer_x2, row, x2, ok, iters):
     """Write the step's forward statistics into the averages if ``ok`` (0-dim bool), else take the step
     back from the counter, so that the next step uses this row and the run continues exactly as if the
     skipped batch had never been seen. No host read."""
-    _write_row_if(buffer_x2, row, x2, ok)
+    write_row_if_(buffer_x2, row, x2, ok)
     running_var.copy_(torch.where(ok, new_running, running_var))
     iters.sub_(ok.logical_not().to(iters.dtype))
 
