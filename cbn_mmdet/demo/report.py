@@ -178,10 +178,11 @@ def results_markdown(summary, untrained, total_seconds, setting=''):
              f'AP^b {fmt_ap(ap(untrained["metrics"]))}, '
              f'AP^m {fmt_ap(ap(untrained["metrics"], "coco/segm_mAP"))}.', '',
              '## AP with the running statistics training left, and with PreciseBN', '',
-             'PreciseBN: after training, the running mean/var of every BN-type layer (the backbone\'s SyncBN '
-             'in every variant, and the FPN/head norm of BN, SyncBN, CBN) are replaced by the statistics of '
-             'their input over training batches run in train mode, weights frozen (`PreciseBNHook`, '
-             '`num_iters` batches per process).',
+             'PreciseBN: after training, the running mean/var of every BN-type layer (the FPN/head norm of '
+             'BN, SyncBN, CBN) are replaced by the statistics of their input over training batches run in '
+             'train mode, weights frozen (`PreciseBNHook`, `num_iters` batches per process). The baseline '
+             'and GN have no running statistics (the backbone is GN in every variant): their PreciseBN '
+             'model is the same model, tested once.',
              '',
              '| variant | norm in FPN + heads | AP^b | AP^b_50 | AP^b, PreciseBN | AP^m | AP^m_50 | AP^m, PreciseBN '
              '| train (s) |',
@@ -245,7 +246,7 @@ def results_markdown(summary, untrained, total_seconds, setting=''):
         if bn_rows:
             gap = {n: losses[n]['eval_original'] - losses[n]['train'] for n in ['baseline', *bn_rows]}
             lines += ['', 'Eval-mode minus train-mode loss: ' + ', '.join(f'{n} {g:+.3f}' for n, g in gap.items())
-                      + ' (the baseline has BN only in its backbone).']
+                      + ' (the baseline has no running statistics: its gap is the noise of this measurement).']
     lines += ['', f'Total demo time: {total_seconds:.0f} s.', '',
               f'Not comparable with the paper: a tiny model trained from scratch ({setting}); the demo shows '
               'that the pipeline works, that the models learn, and how large the noise of such a comparison is.']

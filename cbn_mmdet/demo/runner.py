@@ -29,7 +29,7 @@ import time
 
 from ..evaluation.metrics import read_test_metrics
 from .report import ap, fmt_ap, plot_losses, results_markdown, summarize
-from .variants import MIN_AP_GAIN, REQUIRED, UNTRAINED, VARIANTS
+from .variants import BN_TYPE, MIN_AP_GAIN, REQUIRED, UNTRAINED, VARIANTS
 
 __all__ = ['DemoError', 'save_untrained_checkpoint', 'run_demo', 'ORIGINAL_CHECKPOINT']
 
@@ -132,13 +132,13 @@ def save_untrained_checkpoint(config, path, seed=0):
     return path
 
 
-def _test(config, checkpoint, out_dir, label, run, test_args=()):
-    """``tools/test.py`` (one process, one thread): metrics, and the detections as COCO result files."""
+def _test(config, checkpoint, out_dir, label, run, test_args=(), threads=1):
+    """``tools/test.py`` (one process): metrics, and the detections as COCO result files."""
     os.makedirs(out_dir, exist_ok=True)
     prefix = osp.join(out_dir, 'detections')
     cmd = [_python(), osp.join(run.root, 'tools', 'test.py'), config, checkpoint, '--work-dir', out_dir,
            '--eval', 'bbox', 'segm', '--cfg-options', f'test_evaluator.outfile_prefix={prefix}', *test_args]
-    seconds = _run_tool(cmd, osp.join(out_dir, 'test.log'), label, run, threads=1)
+    seconds = _run_tool(cmd, osp.join(out_dir, 'test.log'), label, run, threads=threads)
     metrics = read_test_metrics(out_dir)
     if metrics is None:
         raise DemoError(f'{label}: tools/test.py wrote no metrics into {out_dir}')
@@ -186,25 +186,35 @@ def _train_and_test(name, seed, run_dir, train_args, test_args, run, epochs, pro
     if not osp.isfile(checkpoints['original']):
         raise DemoError(f'{label}: training wrote no {ORIGINAL_CHECKPOINT} (is PreciseBNHook in custom_hooks of '
                         f'{config}?)')
-    run.say(f'[{run.stamp()}] evaluating {label}: original running statistics, then PreciseBN ...')
+    # A variant without running statistics (no BN-type layer anywhere: GN backbone) leaves PreciseBN
+    # nothing to change: its PreciseBN model is the same model, tested once and reported for both.
+    same_model = name not in BN_TYPE
+    tested = {'original': checkpoints['original']} if same_model else checkpoints
+    run.say(f'[{run.stamp()}] evaluating {label}: ' + ('no running statistics, one test' if same_model else
+                                                        'original running statistics, then PreciseBN ...'))
     result = dict(seed=seed, work_dir=run_dir, train_seconds=train_s, metrics={}, detections={})
-    # the two tests side by side, one process each (inference needs no synchronisation)
+    # the tests side by side, one process each (inference needs no synchronisation); a lone test takes
+    # both threads
     start = time.time()
-    tests = _run_parallel([(kind, _test, (config, ckpt, osp.join(run_dir, f'test_{kind}'), label, run, test_args))
-                           for kind, ckpt in checkpoints.items()])
+    threads = max(1, (os.cpu_count() or 1) // len(tested))
+    tests = _run_parallel([(kind, _test, (config, ckpt, osp.join(run_dir, f'test_{kind}'), label, run, test_args,
+                                          threads)) for kind, ckpt in tested.items()])
     for kind, (metrics, files, _) in tests.items():
         result['metrics'][kind], result['detections'][kind] = metrics, files
+    if same_model:
+        result['metrics']['precise'], result['detections']['precise'] = tests['original'][:2]
     result['test_seconds'] = time.time() - start
     loss_path = osp.join(run_dir, 'val_loss.json')
     cmd = [_python(), '-m', 'torch.distributed.run', '--nproc_per_node', str(procs), '--master_port',
            str(_free_port()), '-m', 'cbn_mmdet.demo.val_loss', config, '--num-images', str(loss_images),
-           '--checkpoint', f'original={checkpoints["original"]}', '--checkpoint',
-           f'precise={checkpoints["precise"]}', '--out', loss_path]
+           *[arg for kind, ckpt in tested.items() for arg in ('--checkpoint', f'{kind}={ckpt}')], '--out', loss_path]
     if test_args:
         cmd += ['--cfg-options', *test_args]
     result['loss_seconds'] = _run_tool(cmd, osp.join(run_dir, 'val_loss.log'), label, run, threads=1)
     with open(loss_path) as f:
         result['val_loss'] = json.load(f)
+    if same_model:
+        result['val_loss']['eval']['precise'] = result['val_loss']['eval']['original']
     m = result['metrics']
     run.say(f'[{run.stamp()}]   {label}: AP^b {fmt_ap(ap(m["original"]))} (PreciseBN {fmt_ap(ap(m["precise"]))})  '
             f'AP^m {fmt_ap(ap(m["original"], "coco/segm_mAP"))} (PreciseBN '

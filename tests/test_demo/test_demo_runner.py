@@ -27,7 +27,7 @@ def test_the_variants_differ_in_the_fpn_and_head_norm_only():
                 'cbn_gtw': {'CBN'}}
     for name, cfg in cfgs.items():
         assert _norm_types(cfg) == expected[name], name
-        # the same backbone (synchronised BN), schedule, batch and PreciseBN everywhere
+        # the same backbone (GN, half-width R-18), schedule, batch and PreciseBN everywhere
         assert cfg.model.backbone.norm_cfg == cfgs['baseline'].model.backbone.norm_cfg, name
         assert (cfg.train_cfg, cfg.global_batch_size, cfg.optim_wrapper) == (
             cfgs['baseline'].train_cfg, 2, cfgs['baseline'].optim_wrapper), name
