@@ -17,7 +17,7 @@ if find_spec('cbn_mmdet') is None:
 
 from cbn_mmdet.engine.config_checks import ConfigError  # noqa: E402
 from cbn_mmdet.engine.data_errors import DataError  # noqa: E402
-from cbn_mmdet.engine.training import prepare_train_config, train  # noqa: E402
+from cbn_mmdet.engine.training import finish_distributed, prepare_train_config, train  # noqa: E402
 from cbn_mmdet.utils.cli import config_error_exit, parse_mmdet_tool_args  # noqa: E402
 
 
@@ -46,7 +46,9 @@ def main(argv=None):
                                    resume=args.resume, log=lambda m: print(f'[cbn_mmdet] {m}', flush=True),
                                    allow_partial_load=args.allow_partial_load,
                                    nonfinite_check=not args.allow_nonfinite_loss)
-        return train(cfg)
+        runner = train(cfg)
+        finish_distributed()
+        return runner
     except ConfigError as err:      # includes a work_dir held by a live run (refused before training)
         raise config_error_exit('tools/train.py', err) from None
     except DataError as err:        # a corrupt image met by the dataloader

@@ -23,7 +23,7 @@ from .dist import check_launcher_env, launcher_world_size, setup_cpu_distributed
 from .runner_setup import build_runner, ensure_config_data, load_config, register_modules
 from .work_dir_lock import work_dir_lock
 
-__all__ = ['prepare_train_config', 'train']
+__all__ = ['prepare_train_config', 'train', 'finish_distributed']
 
 
 def prepare_train_config(config, *, work_dir=None, cfg_options=None, launcher='none', amp=False,
@@ -110,6 +110,20 @@ def train(cfg):
         with trusted_checkpoints(paths=[cfg.get('load_from')], dirs=[cfg.work_dir]), data_errors_named():
             runner.train()
     return runner
+
+
+def finish_distributed():
+    """End a multi-process run together: a barrier, then the process group torn down.
+
+    Only rank 0 writes the last checkpoint; a rank that exits meanwhile, with its process group still
+    alive, can abort in the collective library's teardown ("terminate called without an active
+    exception", seen with gloo on CPU after the last epoch), and torchrun then reports the whole run as
+    failed. Called by ``tools/train.py`` once training returned; a no-op without a process group.
+    """
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _rank():
