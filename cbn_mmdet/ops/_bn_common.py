@@ -70,7 +70,7 @@ def check_values_per_channel(shape, owner, when='training'):
 
 
 def write_row_if_(buffer, row, value, ok):
-    """Row ``row`` (a 0-dim long tensor) of ``buffer`` := ``value`` if ``ok`` (a 0-dim bool tensor), else
-    unchanged, without reading either on the host: the row is rewritten with its own content."""
-    index = row.view(1)
+    """Row ``row`` (a 0-dim or 1-element long tensor) of ``buffer`` := ``value`` if ``ok`` (a 0-dim bool
+    tensor), else unchanged, without reading either on the host: the row is rewritten with its own content."""
+    index = row if row.dim() == 1 else row.view(1)
     buffer.index_copy_(0, index, torch.where(ok, value.to(buffer.dtype), buffer.index_select(0, index)))

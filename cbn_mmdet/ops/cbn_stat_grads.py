@@ -16,6 +16,8 @@ needs, for every output channel ``c`` of ``y = conv(x, W)`` (``M = N·Ho·Wo`` p
 
 Both are pure functions of tensors; no autograd graph is built or used.
 """
+import math
+
 import torch
 from torch.nn.modules.utils import _pair
 
@@ -43,13 +45,27 @@ def _expanded(like, shape, value=None):
     return cached
 
 
+def _half_prescale(dtype, m):
+    """The scale of a float16 kernel's output gradient for a sum over ``m`` positions, else 1.
+
+    A half weight-gradient accumulates in float32 but rounds its result to half: ``Σ y·x_patch`` over the
+    positions of a large map (an FPN P2 level has ~10⁵) exceeds half's range (65504) before any 1/m, and
+    a constant output gradient 1/m is a subnormal half (less than 6.1e-5) from m ≈ 16k on. A power of two
+    near 1/sqrt(m) keeps both in range — exact, since it only moves the exponent — and the rest of the
+    scale is applied to the small result in float32.
+    """
+    if dtype != torch.float16 or m <= 1:
+        return 1.0
+    return 2.0 ** -round(math.log2(m) / 2)
+
+
 def conv_output_size(in_size, kernel_size, stride, padding, dilation):
     """Spatial output size ``(Ho, Wo)`` of a conv2d (floor mode, like torch)."""
     return tuple((in_size[i] + 2 * padding[i] - dilation[i] * (kernel_size[i] - 1) - 1) // stride[i] + 1
                  for i in range(2))
 
 
-def mean_input_patch(x, kernel_size, stride=1, padding=0, dilation=1):
+def mean_input_patch(x, kernel_size, stride=1, padding=0, dilation=1, raw=False):
     """``E[x_patch]`` over batch and output positions: ``dμ_c/dW_c`` of a conv fed by ``x``.
 
     Args:
@@ -61,6 +77,9 @@ def mean_input_patch(x, kernel_size, stride=1, padding=0, dilation=1):
         over every sample and every output position, of the (zero-padded) input value that kernel tap
         ``(a, b)`` of input channel ``i`` sees. For a grouped conv, output channel ``c`` of group ``g``
         uses the rows of group ``g``.
+
+        ``raw=True``: the same ``C_in·kh·kw`` values as the kernel produced them (x's dtype, any shape),
+        for a caller that copies them into a buffer of its own at once (no reshape, no cast of its own).
     """
     kh, kw = _pair(kernel_size)
     sh, sw = _pair(stride)
@@ -71,18 +90,23 @@ def mean_input_patch(x, kernel_size, stride=1, padding=0, dilation=1):
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     if (kh, kw, ph, pw, sh, sw) == (1, 1, 0, 0, 1, 1):
         # A 1x1 conv without padding or stride reads every input position once: one reduction.
-        return x.mean((0, 2, 3), dtype=dtype).view(cin, 1, 1)
+        mean = x.mean((0, 2, 3), dtype=dtype)
+        return mean if raw else mean.view(cin, 1, 1)
     # The weight-gradient of a one-output conv (same geometry, no groups: the mean patch of an input
     # channel does not depend on the grouping) whose output gradient is 1/M everywhere is exactly the
     # mean patch: one kernel, the conv's own, whatever the geometry.
-    grad_output = _expanded(x, (n, 1, ho, wo), 1.0 / max(n * ho * wo, 1))
+    m = max(n * ho * wo, 1)
+    pre = _half_prescale(x.dtype, m)
+    grad_output = _expanded(x, (n, 1, ho, wo), 1.0 / m if pre == 1.0 else pre)
     grad = torch.ops.aten.convolution_backward(
         grad_output, x, _expanded(x, (1, cin, kh, kw)), None, [sh, sw], [ph, pw], [dh, dw], False, [0, 0], 1,
         [False, True, False])[1]
-    return grad.reshape(cin, kh, kw).to(dtype)
+    if pre != 1.0:
+        return grad.to(dtype).mul_(1.0 / (m * pre)).view(cin, kh, kw)
+    return grad if raw else grad.reshape(cin, kh, kw).to(dtype)
 
 
-def second_moment_weight_grad(x, y, weight_shape, stride=1, padding=0, dilation=1, groups=1):
+def second_moment_weight_grad(x, y, weight_shape, stride=1, padding=0, dilation=1, groups=1, out=None):
     """``dν_c/dW_c = 2·E[y_c · x_patch]`` for every output channel: one conv weight-gradient.
 
     Args:
@@ -90,20 +114,21 @@ def second_moment_weight_grad(x, y, weight_shape, stride=1, padding=0, dilation=
         y (Tensor): conv output ``(N, C_out, Ho, Wo)`` (bias included if the conv has one: ``dy/dW`` is
             the input patch either way).
         weight_shape: the conv weight's shape ``(C_out, C_in/groups, kh, kw)``.
+        out (Tensor, optional): written with the result (``weight_shape``, any dtype) instead of a new tensor.
 
     Returns:
         Tensor of ``weight_shape``.
     """
     m = y.shape[0] * y.shape[2] * y.shape[3]
-    return _weight_grad(x, y, weight_shape, _pair(stride), _pair(padding), _pair(dilation), groups, m)
+    return _weight_grad(x, y, weight_shape, _pair(stride), _pair(padding), _pair(dilation), groups, m, out)
 
 
 def sampled_second_moment_weight_grad(x, y, weight_shape, stride=1, padding=0, dilation=1, groups=1, step=(2, 2),
-                                      phase=(0, 0)):
+                                      phase=(0, 0), out=None):
     """Estimate of ``dν_c/dW_c`` from the output positions on a strided grid only.
 
     Args:
-        x, y, weight_shape, stride, padding, dilation, groups: as :func:`second_moment_weight_grad`.
+        x, y, weight_shape, stride, padding, dilation, groups, out: as :func:`second_moment_weight_grad`.
         step (pair of int): ``(rh, rw)``, the sampling strides over output rows and columns (each >= 1).
         phase (pair of int): ``(a, b)``, the first sampled row and column (``0 <= a < rh``, same for ``b``).
 
@@ -121,15 +146,19 @@ def sampled_second_moment_weight_grad(x, y, weight_shape, stride=1, padding=0, d
     """
     (rh, rw), (a, b) = _pair(step), _pair(phase)
     if (rh, rw) == (1, 1):
-        return second_moment_weight_grad(x, y, weight_shape, stride, padding, dilation, groups)
+        return second_moment_weight_grad(x, y, weight_shape, stride, padding, dilation, groups, out)
     (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
     n, cout, kh, kw = y.shape[0], y.shape[1], weight_shape[2], weight_shape[3]
     if (kh, kw, ph, pw) == (1, 1, 0, 0) and groups == 1:
         # Gather the sampled input positions (|x|/(rh·rw) numbers) and multiply: no im2col, no full copy.
         xs = x[:, :, a * sh::sh * rh, b * sw::sw * rw].reshape(n, x.shape[1], -1)
         ys = y[:, :, a::rh, b::rw].reshape(n, cout, -1)
+        m = max(ys.shape[0] * ys.shape[2], 1)
+        pre = _half_prescale(ys.dtype, m)
+        if pre != 1.0:
+            ys = ys * pre
         grad = torch.bmm(ys, xs.transpose(1, 2)).sum(0) if n > 0 else y.new_zeros(weight_shape[:2])
-        return grad.view(weight_shape).mul_(2.0 / max(ys.shape[0] * ys.shape[2], 1))
+        return _scaled(grad.view(weight_shape), 2.0 / (m * pre), out)
     (a, crop_h, pad_h, rows), (b, crop_w, pad_w, cols) = (
         _shifted_grid(x.shape[2 + i], (kh, kw)[i], (sh, sw)[i], (ph, pw)[i], (dh, dw)[i], (rh, rw)[i], (a, b)[i])
         for i in range(2))
@@ -137,7 +166,7 @@ def sampled_second_moment_weight_grad(x, y, weight_shape, stride=1, padding=0, d
         x = x[:, :, crop_h:, crop_w:]
     y_sub = y[:, :, a::rh, b::rw][:, :, :rows, :cols]
     m = y_sub.shape[0] * y_sub.shape[2] * y_sub.shape[3]
-    return _weight_grad(x, y_sub, weight_shape, (sh * rh, sw * rw), (pad_h, pad_w), (dh, dw), groups, m)
+    return _weight_grad(x, y_sub, weight_shape, (sh * rh, sw * rw), (pad_h, pad_w), (dh, dw), groups, m, out)
 
 
 def _shifted_grid(size, k, s, p, d, r, a):
@@ -150,13 +179,20 @@ def _shifted_grid(size, k, s, p, d, r, a):
     return 0, 0, p, 0    # no output position at all (an empty map)
 
 
-def _weight_grad(x, y, weight_shape, stride, padding, dilation, groups, m):
+def _weight_grad(x, y, weight_shape, stride, padding, dilation, groups, m, out=None):
     """``2·Σ_p y[p]·x_patch[p] / m`` per weight entry: one weight-only ``convolution_backward``.
 
     The weight-gradient is linear in ``grad_output``, so the scale ``2/m`` is applied to the (small) result
-    rather than to ``y``. ``m = 0`` (an empty batch) gives zeros.
+    rather than to ``y`` — except for the power of two a float16 ``y`` is scaled by first, so that the sum
+    stays in half's range (:func:`_half_prescale`). ``m = 0`` (an empty batch) gives zeros.
     """
+    pre = _half_prescale(y.dtype, m)
     grad = torch.ops.aten.convolution_backward(
-        y, x, _expanded(y, weight_shape), None, list(stride), list(padding), list(dilation), False, [0, 0], groups,
-        [False, True, False])[1]
-    return grad.mul_(2.0 / max(m, 1))
+        y if pre == 1.0 else y * pre, x, _expanded(y, weight_shape), None, list(stride), list(padding),
+        list(dilation), False, [0, 0], groups, [False, True, False])[1]
+    return _scaled(grad, 2.0 / (max(m, 1) * pre), out)
+
+
+def _scaled(grad, scale, out):
+    """``grad·scale``, in place, or written into ``out`` (one operator either way)."""
+    return grad.mul_(scale) if out is None else torch.mul(grad, scale, out=out)

@@ -1,14 +1,22 @@
 """The stateless core of CBN's cross-iteration window: layout, compensation, combination and the ring write.
 
-The window of ``n = buffer_num`` past iterations lives in ONE tensor ``window`` of shape ``(n, L)``, one row
-per entry, so that writing an entry is a single ``index_copy_`` (not one guarded write per quantity)::
+The window of ``n = buffer_num`` past iterations lives in ONE tensor ``window`` of shape ``(n + 1, L)``, one
+row per entry, so that writing an entry is a single ``index_copy_`` (not one guarded write per quantity)::
 
     row = [ μ (C) | ν (C) | W (C·K) | ∂ν/∂W (C·K) | ∂μ/∂W (groups·K_g) ]
 
-with ``K = C_in/groups·kh·kw`` and ``K_g = K`` (the mean slope is per group, not per channel). An empty
-slot holds the *empty marker*: ``ν = −1`` and zeros elsewhere. A second moment is never negative, so an
-empty slot fails the validity test ``ν − μ² ≥ 0`` that every entry takes anyway, and its zero slopes keep
-its compensated values finite: no separate "filled" mask has to be read or written per step.
+with ``K = C_in/groups·kh·kw`` and ``K_g = K`` (the mean slope is per group, not per channel). Rows
+``0 .. n−1`` are a ring of the past entries (``window_head`` is the oldest); row ``n`` is the *staging row*:
+a training forward writes the current iteration's entry there, in place, as its parts are computed
+(:class:`WindowViews` holds the views it writes through). So the current entry is one more row of the same
+tensor, and every row — past and current — goes through the same compensation and the same average: the
+current row's weight difference is exactly zero, so its compensated values are its own, and its validity
+threshold is ``−inf`` (it is always kept; a variance rounded to ``−1e−12`` must not drop it). The step's
+backward then copies the staging row over the oldest ring slot if the step is usable (:class:`StepCommit`).
+
+An empty slot holds the *empty marker*: ``ν = −1`` and zeros elsewhere. A second moment is never
+negative, so an empty slot fails the validity test ``ν − μ² ≥ 0`` that every entry takes anyway, and its
+zero slopes keep its compensated values finite: no separate "filled" mask has to be read or written.
 
 Every function here is a pure function of tensors (plus ``*_`` ones that write the tensors they are
 given), with a fixed sequence of operators whatever the window holds: no branch on tensor values, no
@@ -19,8 +27,8 @@ import torch
 
 from ._bn_common import lerp_running_stats_, write_row_if_
 
-__all__ = ['window_row_length', 'empty_window', 'window_views', 'compensate', 'combine', 'window_row',
-           'push_row_', 'keep_newest_', 'StepCommit', 'EMPTY_SQ']
+__all__ = ['window_row_length', 'empty_window', 'window_views', 'WindowViews', 'compensate', 'combine',
+           'keep_newest_', 'StepCommit', 'EMPTY_SQ']
 
 # Second moment of an empty slot: impossible for real data (E[y²] >= 0), so the slot is always dropped.
 EMPTY_SQ = -1.0
@@ -32,124 +40,180 @@ def window_row_length(num_features, weight_numel_per_channel, groups):
     return 2 * c + 2 * c * k + groups * k
 
 
-def empty_window(num_entries, row_length, num_features, dtype=None, device=None):
-    """A window of empty slots (see the module docstring)."""
-    window = torch.zeros(num_entries, row_length, dtype=dtype, device=device)
+def empty_window(num_rows, row_length, num_features, dtype=None, device=None):
+    """A window of ``num_rows`` empty slots (see the module docstring)."""
+    window = torch.zeros(num_rows, row_length, dtype=dtype, device=device)
     window[:, num_features:2 * num_features] = EMPTY_SQ
     return window
 
 
 def window_views(window, num_features, groups):
-    """Named views of a window ``(n, L)``: ``mean``/``sq`` ``(n, C)``, ``weight``/``sq_grad`` ``(n, C, K)``,
-    ``mean_grad`` ``(n, groups, K)``. Views share the window's storage: writing them writes the window."""
-    n, length = window.shape
+    """Named views of the rows of ``window`` ``(r, L)``: ``mean``/``sq`` ``(r, C)``, ``weight``/``sq_grad``
+    ``(r, C, K)``, ``mean_grad`` ``(r, groups, K)``, ``stats`` ``(r, 2, C)``; with ``groups == 1`` also the
+    column views ``mean_col`` ``(r, C, 1)`` and ``mean_grad_col`` ``(r, K, 1)`` the batched product of
+    :func:`compensate` takes. Views share the window's storage: writing them writes the window."""
+    r, length = window.shape
     c = num_features
     k = (length - 2 * c) // (2 * c + groups) if length > 2 * c else 0
     a, b, d = 2 * c, 2 * c + c * k, 2 * c + 2 * c * k
-    return {'mean': window[:, :c], 'sq': window[:, c:a],
-            'weight': window[:, a:b].view(n, c, k), 'sq_grad': window[:, b:d].view(n, c, k),
-            'mean_grad': window[:, d:].view(n, groups, k), 'stats': window[:, :a].view(n, 2, c)}
+    views = {'mean': window[:, :c], 'sq': window[:, c:a],
+             'weight': window[:, a:b].view(r, c, k), 'sq_grad': window[:, b:d].view(r, c, k),
+             'mean_grad': window[:, d:].view(r, groups, k), 'stats': window[:, :a].view(r, 2, c)}
+    if groups == 1:
+        views['mean_col'] = window[:, :c].unsqueeze(-1)
+        views['mean_grad_col'] = window[:, d:].view(r, k, 1)
+    return views
+
+
+class WindowViews:
+    """Every view a layer takes of its window ``(n + 1, L)`` and ring position, made once per buffer.
+
+    * ``ring``: :func:`window_views` of rows ``0 .. n−1`` (the stored entries: state dict, reset, load);
+    * ``rows``: :func:`window_views` of all ``n + 1`` rows (what a step compensates and averages);
+    * ``threshold``: ``(n + 1, 1)``, the validity bound of each row's compensated variance: 0 for the
+      ring, ``−inf`` for the staging row (the current entry is always kept);
+    * :meth:`stage`: views of the staging row's parts, in the shape of the tensor written into them
+      (cached by shape), so that the forward writes each part with one operator and no reshape;
+    * ``head``: the ring position as a 1-element index (``index_copy_`` takes no 0-dim index).
+
+    A view is a dispatcher call; taking them once keeps them out of every step.
+    """
+
+    def __init__(self, window, head, num_features, groups):
+        self.window, self.head_buffer = window, head
+        n = window.shape[0] - 1
+        self.num_entries, self.num_features, self.groups = n, num_features, groups
+        self.ring = window_views(window[:n], num_features, groups)
+        self.rows = window_views(window, num_features, groups)
+        self.ring_rows = window[:n]
+        self.staging = window[n:]                                  # (1, L)
+        self.staging_stats = self.rows['stats'][n]                 # (2, C): the step's [μ_t, ν_t]
+        self.threshold = torch.zeros(n + 1, 1, dtype=window.dtype, device=window.device)
+        self.threshold[n] = float('-inf')
+        self.head = head.view(1)
+        self._parts = {name: view[n] for name, view in self.rows.items()}
+        self._shaped = {}
+
+    def matches(self, window, head):
+        return window is self.window and head is self.head_buffer
+
+    def stage(self, name, shape):
+        """The staging row's part ``name`` viewed as ``shape`` (same number of elements)."""
+        key = (name, tuple(shape))
+        view = self._shaped.get(key)
+        if view is None:
+            view = self._shaped[key] = self._parts[name].reshape(shape)
+        return view
 
 
 def compensate(views, weight_t, rho):
-    """Every stored entry moved to the current weight by CBN's Taylor step: ``(n, 2, C)`` of ``[μ_τ(W_t), ν_τ(W_t)]``.
+    """Every row moved to the current weight by CBN's Taylor step: ``(mean, sq)``, each ``(r, C)``.
 
     ``μ_τ(W_t) = μ_τ + ρ·Σ_k (W_t − W_τ)[c, k]·∂μ_τ/∂W[g(c), k]`` (same for ν). The weight difference is
     formed first and then contracted with the stored slopes: subtracting two large products
-    ``Σ W_t·g − Σ W_τ·g`` instead would lose the (small) offset to cancellation, badly so under TF32.
+    ``Σ W_t·g − Σ W_τ·g`` instead would lose the (small) offset to cancellation, badly so under TF32 (a
+    TF32 product of the difference errs by ~1e-3 of the offset itself, not of the statistic). A row that
+    stores ``W_t`` itself (the staging row) gets a zero difference: its own values, exactly.
     """
     stored_w = views['weight']
-    n, c, k = stored_w.shape
-    delta = weight_t.reshape(c, k).to(stored_w.dtype) - stored_w                          # (n, C, K)
-    mean_grad = views['mean_grad']
-    groups = mean_grad.shape[1]
-    if groups == 1:   # the one mean slope broadcasts over the channels: no copy
-        mean_dot = (delta * mean_grad).sum(-1)
+    r, c, k = stored_w.shape
+    delta = torch.sub(weight_t.reshape(c, k), stored_w)                                   # (r, C, K)
+    if 'mean_grad_col' in views:    # one mean slope per row: a batched matrix-vector product
+        mean = torch.baddbmm(views['mean_col'], delta, views['mean_grad_col'], alpha=rho).view(r, c)
     else:
-        mean_dot = (delta.view(n, groups, c // groups, k) * mean_grad.unsqueeze(2)).sum(-1).view(n, c)
-    sq_dot = (delta * views['sq_grad']).sum(-1)
-    return torch.add(views['stats'], torch.stack((mean_dot, sq_dot), 1), alpha=rho)
+        mean_grad = views['mean_grad']
+        groups = mean_grad.shape[1]
+        dot = (delta.view(r, groups, c // groups, k) * mean_grad.unsqueeze(2)).sum(-1).view(r, c)
+        mean = torch.add(views['mean'], dot, alpha=rho)
+    sq = torch.add(views['sq'], (delta * views['sq_grad']).sum(-1), alpha=rho)
+    return mean, sq
 
 
-def combine(current, compensated):
-    """Average the current entry with every valid compensated one.
+def combine(mean, sq, threshold):
+    """Average the rows whose compensated variance passes ``threshold``.
 
     Args:
-        current: ``(2, C)``, the current batch's ``[μ_t, ν_t]`` (always kept: ``ν_t − μ_t²`` is a
-            variance).
-        compensated: ``(n, 2, C)`` from :func:`compensate`.
+        mean, sq: ``(r, C)`` from :func:`compensate`.
+        threshold: ``(r, 1)``; a row is kept where ``sq − mean² ≥ threshold`` (official rule for past
+            entries: 0; the current entry: ``−inf``, always kept; empty slots never pass 0).
 
     Returns:
-        ``(stats, coef, valid)``: ``stats`` ``(2, C)`` = ``[μ̄, S]`` (mean of the kept μ and ν), ``coef``
-        ``(C,)`` = 1/(number of kept entries, the current one included): the current entry's share,
-        ``valid`` ``(n, C)`` the past entries kept (official rule: compensated ``ν − μ² ≥ 0``; empty slots
-        never are). Each kept past entry's share is ``valid·coef``.
+        ``(mean_bar, sq_bar, coef, shares)``: the mean of the kept ``mean`` and ``sq`` ``(C,)`` each,
+        ``coef`` ``(C,)`` = 1/(number of kept rows), and ``shares`` ``(r, C)``: each row's weight in the
+        average (``coef`` where kept, 0 elsewhere).
     """
-    mean, sq = compensated.unbind(1)
-    valid = torch.addcmul(sq, mean, mean, value=-1) >= 0
-    total = (compensated * valid.unsqueeze(1)).sum(0) + current
-    coef = torch.reciprocal(valid.sum(0, dtype=current.dtype) + 1)
-    return total * coef, coef, valid
+    valid = torch.addcmul(sq, mean, mean, value=-1) >= threshold
+    coef = torch.reciprocal(valid.sum(0, dtype=mean.dtype))
+    shares = valid * coef
+    return (shares * mean).sum(0), (shares * sq).sum(0), coef, shares
 
 
-def window_row(mean_t, sq_t, weight_t, sq_grad, mean_grad, dtype):
-    """The current entry as one window row (see the module docstring for the layout)."""
-    parts = (mean_t, sq_t, weight_t.reshape(-1), sq_grad.reshape(-1), mean_grad.reshape(-1))
-    return torch.cat([p.to(dtype) for p in parts])
-
-
-def push_row_(window, head, row, valid):
-    """Write ``row`` over the oldest slot (a ring: order is irrelevant to a mean) if ``valid``.
-
-    ``valid`` (0-dim bool tensor) False keeps the slot's content and the ring position, without reading
-    the flag on the host: the slot is rewritten with its own content.
-    """
-    write_row_if_(window, head, row, valid)
-    head.add_(valid).remainder_(window.shape[0])
-
-
-def keep_newest_(window, head, size, num_features):
-    """Empty every slot but the ``size`` newest (``two_stage=False`` while the window grows)."""
-    n = window.shape[0]
+def keep_newest_(ring, head, size, num_features):
+    """Empty every ring slot but the ``size`` newest (``two_stage=False`` while the window grows)."""
+    n = ring.shape[0]
     slots = torch.arange(n, device=head.device)
     old = ((head - 1 - slots).remainder(n) >= size).view(n, 1)       # age 0 = the newest entry
-    empty = torch.zeros_like(window[:1])
+    empty = torch.zeros_like(ring[:1])
     empty[:, num_features:2 * num_features] = EMPTY_SQ
-    window.copy_(torch.where(old, empty, window))
+    ring.copy_(torch.where(old, empty, ring))
 
 
 class StepCommit:
     """What one training step writes into a layer's state — running statistics, window entry, counter of
     unusable steps — held until the step's backward has seen its gradient.
 
-    :meth:`apply` writes it only if the step's statistics (``check``) and the gradient statistic it is given
-    are finite: a mixed-precision overflow step, which a GradScaler skips, then enters no average, exactly as
-    a step with non-finite activations. Every write is a device-side ``where``, never a host read.
+    :meth:`apply` writes it only if the step's statistics (``check``: the whole window entry when there is
+    one — a non-finite slope would poison every later compensation) and the gradient statistic it is
+    given are finite: a mixed-precision overflow step, which a GradScaler skips, then enters no average,
+    exactly as a step with non-finite activations. Every write is a device-side ``where``, never a host
+    read.
+
+    The window entry is the staging row (``views.staging``, written by the forward). A second training
+    forward of the layer before this step's backward (a module called twice) would overwrite it: the layer
+    calls :meth:`own_row` first, which gives the commit a copy of its row.
     """
 
-    __slots__ = ('check', 'num_nonfinite', 'running', 'targets', 'factor', 'window', 'head', 'row', 'keep',
-                 'num_features', 'usable', 'num_batches')
+    __slots__ = ('check', 'num_nonfinite', 'running', 'targets', 'factor', 'views', 'row', 'keep', 'usable',
+                 'num_batches', 'pending')
 
-    def __init__(self, check, num_nonfinite, running=(), targets=(), factor=0.0, window=None, head=None, row=None,
-                 keep=None, num_features=0, usable=None, num_batches=None):
+    def __init__(self, check, num_nonfinite, running=(), targets=(), factor=0.0, views=None, keep=None,
+                 usable=None, num_batches=None):
         self.check, self.num_nonfinite, self.usable = check, num_nonfinite, usable
         # a refused step is taken back from this counter (the cumulative average's count)
         self.num_batches = num_batches
         self.running, self.targets, self.factor = list(running), list(targets), factor
-        self.window, self.head, self.row, self.keep, self.num_features = window, head, row, keep, num_features
+        self.views, self.keep = views, keep
+        self.row = None if views is None else views.staging
+        if views is not None:
+            self.check = self.row
+        self.pending = True
+
+    def own_row(self):
+        """Detach the entry from the staging row (before a later forward overwrites it)."""
+        if self.pending and self.row is not None and self.row is self.views.staging:
+            self.row = self.check = self.row.clone()
 
     def apply(self, grad_stat=None):
-        total = self.check.sum() if grad_stat is None else self.check.sum() + grad_stat.sum()
-        ok = total * 0 == 0        # NaN for any ±Inf or NaN among them
+        self.pending = False
+        # ±Inf or NaN anywhere in the statistics or the gradient statistic makes the sum non-finite
+        total = self.check.sum() if grad_stat is None else torch.add(grad_stat.sum(), self.check.sum())
+        ok = total * 0 == 0        # (isfinite is four operators; 0·x is NaN exactly for x = ±Inf, NaN)
         refused = ok.logical_not()
-        self.num_nonfinite.add_(refused)
+        if self.views is None:
+            self.num_nonfinite.add_(refused)
         if self.num_batches is not None:
             self.num_batches.sub_(refused.to(self.num_batches.dtype))
         if self.running:
             mean, var = (torch.where(ok, t.to(r.dtype), r) for r, t in zip(self.running, self.targets))
             lerp_running_stats_(*self.running, mean, var, self.factor)
-        if self.window is not None:
+        if self.views is not None:
+            views = self.views
             # ``usable``: e.g. a synced layer's global batch was not empty
-            push_row_(self.window, self.head, self.row, ok if self.usable is None else ok & self.usable)
+            write = ok if self.usable is None else ok & self.usable
+            head = views.head_buffer
+            write_row_if_(views.window, views.head, self.row, write)
+            # the ring advances where the entry was written; the refusal counter in the same kernel
+            torch._foreach_add_([head, self.num_nonfinite], [write, refused])
+            head.remainder_(views.num_entries)
             if self.keep is not None:
-                keep_newest_(self.window, self.head, self.keep, self.num_features)
+                keep_newest_(views.ring_rows, head, self.keep, views.num_features)

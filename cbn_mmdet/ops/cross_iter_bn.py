@@ -47,16 +47,19 @@ from .cbn_stat_grads import (
 from .cbn_window import (
     EMPTY_SQ,
     StepCommit,
+    WindowViews,
     combine,
     compensate,
     empty_window,
-    window_row,
     window_row_length,
     window_views,
 )
 from .distributed import get_world_size, sync_weighted_mean
 
 __all__ = ['CrossIterationBatchNorm2d', 'SyncCrossIterationBatchNorm2d']
+
+# The parts of a window entry, as WindowViews.stage names them.
+_ENTRY_PARTS = ('mean', 'sq', 'weight', 'mean_grad', 'sq_grad')
 
 _OWNER = 'CrossIterationBatchNorm2d'
 # Buffers a plain BN checkpoint lacks; see _load_from_state_dict for the policy.
@@ -168,12 +171,14 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         # statistics nor the window (NormHealthHook reports it by layer name and iteration).
         self.register_buffer('num_nonfinite', torch.zeros((), dtype=torch.long, **factory))
         self.register_buffer('window_head', torch.zeros((), dtype=torch.long, **factory))
-        # The packed window (cbn_window.py): one row per past iteration, empty slots marked. Not
-        # persistent: the checkpoint stores its named parts (window_mean, ...; see _save_to_state_dict).
-        self.register_buffer('window', empty_window(self.buffer_num, 2 * num_features, num_features,
+        # The packed window (cbn_window.py): one row per past iteration (empty slots marked) and the
+        # staging row of the current one. Not persistent: the checkpoint stores the past entries' named
+        # parts (window_mean, ...; see _save_to_state_dict).
+        self.register_buffer('window', empty_window(self.buffer_num + 1, 2 * num_features, num_features,
                                                     dtype=dtype, device=device), persistent=False)
         self._groups = 1              # the bound conv's groups (the layout of the mean slopes)
-        self._views = None            # (window, its named views), rebuilt when the buffer is replaced
+        self._views = None            # WindowViews of the window, rebuilt when a buffer is replaced
+        self._pending_commit = None   # the last window step's StepCommit until its backward applies it
         self._grad_mode = False       # grad mode of the current window forward (read inside no_grad)
         self._keep_size = None        # two_stage=False: entries the window keeps after this step
         self._sample_now = None       # fast mode: (step, phase) of this step's sampling grid
@@ -186,7 +191,6 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self._conv_name = None
         self._bind_error = None
         self._layer_name = None
-        self._last_past_kept = None   # per-entry weights of the last window step (grad_through_window)
         if self.buffer_num > 0:
             queue_for_binding(self)
 
@@ -250,9 +254,14 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         # queue membership is global state, not the layer's. A bound copy carries its binding (the
         # copied conv and the copied hooks; see _binding).
         super().__setstate__(state)
-        self._views = None
+        self._views = self._pending_commit = None
         if self.buffer_num > 0 and self._binding is None:
             queue_for_binding(self)
+
+    def __getstate__(self):
+        # Views of the window and a pending step belong to this instance's tensors: a copy rebuilds its own.
+        state = super().__getstate__() if hasattr(super(), '__getstate__') else self.__dict__
+        return dict(state, _views=None, _pending_commit=None)
 
     def _capture_conv_input(self, conv, args):
         if self.training and self.buffer_num > 0 and torch.is_grad_enabled():
@@ -276,23 +285,28 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         return getter() if getter is not None else conv.weight
 
     # ------------------------------------------------------------------ state
+    def reset_window_rows(self):
+        """Every row empty (the ring position is kept)."""
+        self.window.zero_()
+        self._window_views().rows['sq'].fill_(EMPTY_SQ)
+
     def reset_window(self):
         """Forget every past entry (the counter and running statistics are kept)."""
-        self.window.zero_()
-        self.window_sq.fill_(EMPTY_SQ)
+        self.reset_window_rows()
         self.window_head.zero_()
 
     def _window_views(self):
-        # Views are cached per window tensor: .to(), .double() or a load replace the buffer, and an
-        # identity test (no dispatcher call) notices it.
-        window = self._buffers['window']
-        if self._views is None or self._views[0] is not window:
-            self._views = (window, window_views(window, self.num_features, self._groups))
-        return self._views[1]
+        """The :class:`~cbn_mmdet.ops.cbn_window.WindowViews` of the window buffer, made once per buffer:
+        ``.to()``, ``.double()`` or a load replace the buffers, and an identity test (no dispatcher call)
+        notices it."""
+        window, head = self._buffers['window'], self._buffers['window_head']
+        if self._views is None or not self._views.matches(window, head):
+            self._views = WindowViews(window, head, self.num_features, self._groups)
+        return self._views
 
-    # Named parts of the packed window (views: writing them writes the window).
-    window_mean = property(lambda self: self._window_views()['mean'])
-    window_sq = property(lambda self: self._window_views()['sq'])
+    # Named parts of the stored entries (views: writing them writes the window).
+    window_mean = property(lambda self: self._window_views().ring['mean'])
+    window_sq = property(lambda self: self._window_views().ring['sq'])
     window_weight = property(lambda self: self._conv_shaped('weight'))
     window_mean_grad = property(lambda self: self._conv_shaped('mean_grad'))
     window_sq_grad = property(lambda self: self._conv_shaped('sq_grad'))
@@ -304,7 +318,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
     def _conv_shaped(self, name):
         # Before binding the conv-shaped parts do not exist yet: an empty tensor, as a checkpoint has it.
-        return self._window_views()[name] if self.is_materialised else self.window.new_zeros(0)
+        return self._window_views().ring[name] if self.is_materialised else self.window.new_zeros(0)
 
     @property
     def is_materialised(self):
@@ -387,8 +401,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 return
         with torch.no_grad():
             filled = parts['window_filled'].to(device=self.window.device, dtype=torch.bool)
-            self.window.zero_()            # (window_head was loaded by the base class: kept)
-            self.window_sq.fill_(EMPTY_SQ)
+            self.reset_window_rows()       # (window_head was loaded by the base class: kept)
             if not bool(filled.any()):
                 return   # nothing stored (an unbound layer's checkpoint has no slopes to load either)
             if not self.is_materialised:
@@ -400,7 +413,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                                ('window_sq_grad', self.window_sq_grad)):
                 view.copy_(parts[name])
             empty = empty_window(1, self.window.shape[1], c, dtype=self.window.dtype, device=self.window.device)
-            self.window.copy_(torch.where(filled.view(n, 1), self.window, empty))
+            ring = self._window_views().ring_rows
+            ring.copy_(torch.where(filled.view(n, 1), ring, empty))
 
     def extra_repr(self):
         text = (super().extra_repr() + f', buffer_num={self.buffer_num}, rho={self.rho}, '
@@ -535,11 +549,12 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         mean, var = batch_mean_var(x)     # BN's one-pass (Welford) kernel, float32+ statistics
         return mean, var, count
 
-    def _step_commit(self, check, mean, biased_var, count, row=None, usable=None):
+    def _step_commit(self, check, mean, biased_var, count, views=None, usable=None):
         """What this training step writes (running statistics, window entry), as a :class:`StepCommit`.
 
         ``check``: the statistics whose finiteness decides (with the gradient's, when applied in backward)
-        whether the step enters anything; ``row``: the window entry, if any.
+        whether the step enters anything; ``views``: the window's views when the staging row holds an
+        entry to store (then the whole entry is checked, and ``check`` is not needed).
         """
         running, targets, factor = (), (), 0.0
         if self.track_running_stats:
@@ -552,10 +567,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             else:
                 unbiased = biased_var * (count / (count - 1))
             running, targets = (self.running_mean, self.running_var), (mean, unbiased)
-        keep = self._keep_size if row is not None else None
-        return StepCommit(check, self.num_nonfinite, running, targets, factor,
-                          window=None if row is None else self.window, head=self.window_head, row=row, keep=keep,
-                          num_features=self.num_features, usable=usable,
+        return StepCommit(check, self.num_nonfinite, running, targets, factor, views=views,
+                          keep=self._keep_size if views is not None else None, usable=usable,
                           num_batches=self.num_batches_tracked if self.momentum is None else None)
 
     def _check_count(self, x):
@@ -617,18 +630,15 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             with torch.no_grad():   # cbn_normalise differentiates through the moments itself
                 mean_t, var_t, count = self._batch_moments(x)
                 self._check_count(x)
-                sq_t = torch.addcmul(var_t, mean_t, mean_t)
-                current = torch.stack((mean_t, sq_t))
-                weight_t, mean_grad, sq_grad, groups = self._statistic_grads(x, weight, conv_input)
-                self._materialise(weight_t.shape, groups, mean_grad.shape[-1])   # explicit-weight path
-                window = self.window
-                compensated = compensate(self._window_views(), weight_t, self.rho)
-                stats, coef, valid = combine(current, compensated)
-                slopes = self._window_slopes(valid * coef) if self._wants_window_gradient() else None
+                views = self._staging_views(weight, conv_input)
+                # the current entry goes into the staging row as its parts are computed
+                torch.addcmul(var_t, mean_t, mean_t, out=views.stage('sq', var_t.shape))
+                weight_t = self._statistic_grads(x, weight, conv_input, views, mean_t)[0]
+                mean, sq, coef, shares = combine(*compensate(views.rows, weight_t, self.rho), views.threshold)
+                slopes = self._window_slopes(shares[:self.buffer_num]) if self._wants_window_gradient() else None
                 # Written at this step's backward, once its gradient is known to be finite.
-                commit = self._step_commit(current, mean_t, var_t, count,
-                                           row=window_row(mean_t, sq_t, weight_t, sq_grad, mean_grad, window.dtype))
-            mean, sq = self._attach_window_gradient(stats, slopes, weight).unbind(0)
+                commit = self._pending_commit = self._step_commit(None, mean_t, var_t, count, views=views)
+            mean, sq = self._attach_window_gradient((mean, sq), slopes, weight)
             if x.shape[0] == 0:
                 return self._empty_output(x)
             return cbn_normalise(x, *self._affine_params(mean.dtype), mean, torch.addcmul(sq, mean, mean, value=-1),
@@ -641,39 +651,52 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         with autocast_off(x.device.type):
             mean_t, var_t, count = self._batch_moments(x)
             sq_t = var_t + mean_t * mean_t
-            weight_t, mean_grad, sq_grad, groups = self._statistic_grads(x, weight, conv_input)
-            self._materialise(weight_t.shape, groups, mean_grad.shape[-1])
+            views = self._staging_views(weight, conv_input)
+            weight_t, mean_grad, sq_grad = self._statistic_grads(x, weight, conv_input)
             (mean_grad, sq_grad), _ = sync_weighted_mean(
                 (mean_grad, sq_grad), x.shape[0] * x.shape[2] * x.shape[3], group=self.process_group)
             with torch.no_grad():
-                current = torch.stack((mean_t.detach(), sq_t.detach()))
-                compensated = compensate(self._window_views(), weight_t, self.rho)
-                stats, coef, valid = combine(current, compensated)
-                past = stats - coef * current
-                slopes = self._window_slopes(valid * coef) if self._wants_window_gradient() else None
+                current = (mean_t.detach(), sq_t.detach())
+                stage = views.stage
+                torch._foreach_copy_([stage(name, t.shape) for name, t in zip(_ENTRY_PARTS, (*current, weight_t,
+                                                                                             mean_grad, sq_grad))],
+                                     [*current, weight_t, mean_grad, sq_grad])
+                mean, sq, coef, shares = combine(*compensate(views.rows, weight_t, self.rho), views.threshold)
+                past = torch.stack((mean - coef * current[0], sq - coef * current[1]))
+                slopes = self._window_slopes(shares[:self.buffer_num]) if self._wants_window_gradient() else None
                 # Applied now: the entry is global (the same on every rank); a rank-local check of the
                 # gradient would let the ranks' windows part.
-                self._step_commit(current, mean_t.detach(), var_t.detach(), count,
-                                  row=window_row(mean_t.detach(), sq_t.detach(), weight_t, sq_grad, mean_grad,
-                                                 self.window.dtype), usable=count > 0).apply()
-            past_mean, past_sq = self._attach_window_gradient(past, slopes, weight).unbind(0)
+                self._step_commit(None, mean_t.detach(), var_t.detach(), count, views=views,
+                                  usable=count > 0).apply()
+            past_mean, past_sq = self._attach_window_gradient(past.unbind(0), slopes, weight)
             mean = coef * mean_t + past_mean
             var = (coef * sq_t + past_sq - mean * mean).clamp_min(0)
             out = self._normalise(x.to(mean.dtype), mean, var)
         return out.to(x.dtype)
 
+    def _staging_views(self, weight, conv_input):
+        """The window's views, the layer materialised for the conv it is given; a step still waiting for
+        its backward gets its own copy of the staging row before this step overwrites it."""
+        if weight is not None and (conv_input is None or self.bound_conv is None):
+            self._materialise(weight.shape, weight.shape[0], None)   # explicit weight: a slope row per channel
+        if self._pending_commit is not None:
+            self._pending_commit.own_row()
+            self._pending_commit = None
+        return self._window_views()
+
     def _wants_window_gradient(self):
         # Read under no_grad: whether the caller's grad mode (outside the statistics block) is on.
         return self.grad_through_window and self._grad_mode
 
-    def _statistic_grads(self, x, weight, conv_input):
-        """(W_t, dμ/dW as (groups, K), dν/dW as W's shape, groups) for the current iteration, float32+.
+    def _statistic_grads(self, x, weight, conv_input, views=None, mean_t=None):
+        """W_t (detached), dμ/dW and dν/dW of the current iteration.
 
-        The slopes are computed from the conv's input and output in their own dtype (half under
-        autocast: the large tensors are not copied to float32) and returned in the statistics' dtype.
+        With ``views`` (and the current mean ``mean_t``) they are written into the staging row together
+        with μ_t, and ``(W_t, None, None)`` is returned; without, ``(W_t, dμ/dW, dν/dW)`` (dν/dW in W's
+        shape). The slopes are computed from the conv's input and output in their own dtype (half under
+        autocast: the large tensors are not copied to float32) and stored in the window's dtype.
         """
         conv = self.bound_conv
-        dtype = compute_dtype(x.dtype)
         if conv is not None and conv_input is not None:
             weight_t = (self._conv_weight(conv) if weight is None else weight).detach()
             with torch.no_grad():
@@ -684,16 +707,23 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                     raise CBNBindError(
                         f'{self._display_name()}: input {tuple(x.shape)} is not the output of its bound '
                         f'conv (conv input {tuple(inp.shape)}); is the norm really fed by that conv?')
-                # (C_in, kh, kw) = (groups, K) in memory: flattened into the window row as it is
-                mean_grad = mean_input_patch(inp, conv.kernel_size, conv.stride, conv.padding, conv.dilation)
+                # C_in·kh·kw values = (groups, K) in the window row, whatever shape the kernel gives
+                mean_grad = mean_input_patch(inp, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                                             raw=True)
                 geometry = (weight_t.shape, conv.stride, conv.padding, conv.dilation, conv.groups)
+                out = None
+                if views is not None:   # μ_t, W_t, dμ/dW in one multi-tensor copy; dν/dW written in place
+                    torch._foreach_copy_([views.stage(name, t.shape) for name, t in
+                                          (('mean', mean_t), ('weight', weight_t), ('mean_grad', mean_grad))],
+                                         [mean_t, weight_t, mean_grad])
+                    out = views.stage('sq_grad', weight_t.shape)
                 if self._sample_step is None:
-                    sq_grad = second_moment_weight_grad(inp, x.detach(), *geometry)
+                    sq_grad = second_moment_weight_grad(inp, x.detach(), *geometry, out=out)
                 else:
                     step, phase = self._sample_now
                     sq_grad = sampled_second_moment_weight_grad(inp, x.detach(), *geometry, step=step,
-                                                                phase=phase)
-            return weight_t.to(dtype), mean_grad, sq_grad.to(dtype), conv.groups
+                                                                phase=phase, out=out)
+            return (weight_t, None, None) if views is not None else (weight_t, mean_grad, sq_grad)
         if weight is None:
             raise CBNBindError(f'{self._display_name()}: the bound conv did not run before this layer '
                                '(no conv input captured); pass forward(x, weight) or fix the binding')
@@ -701,6 +731,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             raise CBNBindError(f'{self._display_name()}: sync=True needs a bound conv (closed-form '
                                'statistic gradients); bind it with cbn_mmdet.ops.bind_cbn_to_conv')
         # Explicit weight, no conv input: the official way, through autograd (slower, same values).
+        dtype = compute_dtype(x.dtype)
         with torch.enable_grad():
             xs = x.to(dtype)
             stats = (xs.mean((0, 2, 3)), (xs * xs).mean((0, 2, 3)))
@@ -710,7 +741,12 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             raise CBNBindError(f'{self._display_name()}: the input does not depend on the weight passed '
                                'to forward(x, weight)')
         # One row per output channel: the compact (groups, K) layout with groups = C_out.
-        return weight.detach().to(dtype), grads[0].detach().flatten(1), grads[1].detach(), weight.shape[0]
+        weight_t, mean_grad, sq_grad = weight.detach(), grads[0].detach(), grads[1].detach()
+        if views is None:
+            return weight_t, mean_grad, sq_grad
+        parts = {'mean': mean_t, 'weight': weight_t, 'mean_grad': mean_grad, 'sq_grad': sq_grad}
+        torch._foreach_copy_([views.stage(name, t.shape) for name, t in parts.items()], list(parts.values()))
+        return weight_t, None, None
 
     def _sample_grid(self, out_size):
         """``(step, phase)`` of the fast mode for an output map ``out_size``: the grid is clamped to the
@@ -723,34 +759,34 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         """``grad_through_window``: ``(2, C, K)``, dA/dW_t and dB/dW_t of the window terms.
 
         A = Σ_τ w_τ·(μ_τ + ρ·(W_t − W_τ)·∂μ_τ/∂W) with w_τ = kept_τ / n is linear in W_t, so
-        dA_c/dW_t[c] = ρ·Σ_τ w_τ,c·∂μ_τ/∂W[g(c)] (same for B with ∂ν_τ/∂W). Read before the current
-        entry is written over the oldest slot.
+        dA_c/dW_t[c] = ρ·Σ_τ w_τ,c·∂μ_τ/∂W[g(c)] (same for B with ∂ν_τ/∂W), over the stored entries
+        (``shares`` ``(n, C)``; the current entry's gradient is the closed form of the normalisation).
         """
-        views = self._window_views()
+        ring = self._window_views().ring
         n, c = shares.shape
         shares = shares * self.rho
-        mean_grad = views['mean_grad']                                            # (n, groups, K)
+        mean_grad = ring['mean_grad']                                             # (n, groups, K)
         groups = mean_grad.shape[1]
         if groups == 1:
             d_mean = torch.mm(shares.t(), mean_grad.view(n, -1))
         else:
             d_mean = torch.einsum('ngo,ngk->gok', shares.view(n, groups, c // groups), mean_grad).reshape(c, -1)
-        d_sq = (shares.unsqueeze(-1) * views['sq_grad']).sum(0)
+        d_sq = (shares.unsqueeze(-1) * ring['sq_grad']).sum(0)
         return torch.stack((d_mean, d_sq))
 
     def _attach_window_gradient(self, stats, slopes, weight):
-        """Add ``(W − W.detach())·d[μ̄, S]/dW`` (exactly zero) to ``stats``: it attaches the window terms'
-        gradient w.r.t. the live conv weight without re-running the window."""
+        """Add ``(W − W.detach())·d[μ̄, S]/dW`` (exactly zero) to ``stats`` (``(μ̄, S)``): it attaches the
+        window terms' gradient w.r.t. the live conv weight without re-running the window."""
         live = weight if weight is not None else self._conv_weight(self.bound_conv)
         if slopes is None or not live.requires_grad:
             return stats
         w = live.to(slopes.dtype).reshape(slopes.shape[1], -1)
-        return stats + ((w - w.detach()) * slopes).sum(-1)
+        return (torch.stack(stats) + ((w - w.detach()) * slopes).sum(-1)).unbind(0)
 
     def _compensated_window(self, weight_t, dtype):
         """Every stored entry moved to ``weight_t`` in ``dtype``: ``(μ_τ(W_t), ν_τ(W_t))``, each ``(n, C)``."""
-        views = window_views(self.window.to(dtype), self.num_features, self._groups)
-        return compensate(views, weight_t.to(dtype), self.rho).unbind(1)
+        views = window_views(self._window_views().ring_rows.to(dtype), self.num_features, self._groups)
+        return compensate(views, weight_t.to(dtype), self.rho)
 
     def _materialise(self, weight_shape, groups, patch_len):
         """Give the window its conv-shaped parts (at binding, before any copy of the model is taken)."""
@@ -768,7 +804,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                                f'({self.buffer_num}, {c}, {k}) and ({self.buffer_num}, {groups}, {k}); was a '
                                'checkpoint of another model loaded?')
         self._groups = groups
-        self._buffers['window'] = empty_window(self.buffer_num, length, c, dtype=window.dtype, device=window.device)
+        self._buffers['window'] = empty_window(self.buffer_num + 1, length, c, dtype=window.dtype,
+                                               device=window.device)
         self._views = None
 
 

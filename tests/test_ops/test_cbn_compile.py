@@ -15,15 +15,19 @@ C, CIN = 4, 3
 
 
 def _core(x, weight, bias, window, weight_t, current, count):
-    compensated = compensate(window_views(window, C, 1), weight_t, 1.0)
-    stats, coef, _ = combine(current, compensated)
-    mean, sq = stats.unbind(0)
+    window = window.clone()
+    views = window_views(window, C, 1)
+    views['stats'][-1].copy_(current)              # the staging row: the current entry at W_t
+    views['weight'][-1].copy_(weight_t.flatten(1))
+    threshold = torch.zeros(window.shape[0], 1, dtype=window.dtype)
+    threshold[-1] = float('-inf')
+    mean, sq, coef, _ = combine(*compensate(views, weight_t, 1.0), threshold)
     return cbn_normalise(x, weight, bias, mean, torch.addcmul(sq, mean, mean, value=-1), count, coef=coef)
 
 
 def test_functional_core_compiles_to_one_graph_and_matches_eager():
     torch.manual_seed(0)
-    window = empty_window(3, window_row_length(C, CIN * 9, 1), C)
+    window = empty_window(4, window_row_length(C, CIN * 9, 1), C)   # 3 past entries + the staging row
     window[0].normal_()
     window[0, C:2 * C] = window[0, :C].square() + 1.0          # one valid entry, two empty slots
     x = torch.randn(2, C, 5, 5, dtype=torch.float64)

@@ -33,3 +33,22 @@ def test_empty_batch_gives_finite_zeros():
     x = torch.zeros(0, 2, 5, 5)
     y = torch.zeros(0, 3, 5, 5)
     assert torch.count_nonzero(second_moment_weight_grad(x, y, (3, 2, 3, 3), 1, 1)) == 0
+
+
+def test_half_slopes_stay_in_range_on_a_large_map():
+    """Under fp16 autocast the slopes are weight-gradients of half tensors, rounded to half: Σ y·x_patch
+    over a large map exceeds half's 65504 before the 1/M scale (the unscaled kernel below overflows), and
+    a constant 1/M output gradient is a subnormal half. Both are computed with a power-of-two prescale;
+    oracle: the same functions in float64."""
+    torch.manual_seed(0)
+    x = (torch.randn(1, 2, 260, 260) + 2).half()
+    weight = (torch.randn(3, 2, 3, 3) * 0.5).half()
+    y = torch.nn.functional.conv2d(x, weight, padding=1)
+    naive = torch.ops.aten.convolution_backward(y, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                                                [False, True, False])[1]
+    assert not torch.isfinite(naive).all()            # what an unscaled half kernel returns here
+    for fn, args in ((second_moment_weight_grad, (weight.shape, 1, 1)), (mean_input_patch, (3, 1, 1))):
+        got = fn(x, y, *args) if fn is second_moment_weight_grad else fn(x, *args)
+        ref = fn(x.double(), y.double(), *args) if fn is second_moment_weight_grad else fn(x.double(), *args)
+        assert torch.isfinite(got).all()
+        assert (got.double() - ref).abs().max() <= 2e-3 * ref.abs().max(), fn.__name__

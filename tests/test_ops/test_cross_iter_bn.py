@@ -149,11 +149,15 @@ def test_no_valid_past_entry_leaves_the_current_batch_alone():
         cbn.window_mean.fill_(10.0)     # every past entry invalid: nu < mu^2
         cbn.window_sq.fill_(1.0)
     current = torch.tensor([[0.5, -0.5], [0.25 - 1e-12, 0.25]], dtype=DT)   # channel 0 rounds "invalid"
-    compensated = compensate(cbn._window_views(), conv.weight.detach(), cbn.rho)
-    stats, coef, valid = combine(current, compensated)
-    assert not valid.any()
+    views = cbn._window_views()
+    with torch.no_grad():               # the current entry in the staging row, as a forward writes it
+        views.staging_stats.copy_(current)
+        views.rows['weight'][-1].copy_(conv.weight.flatten(1))
+    mean, sq = compensate(views.rows, conv.weight.detach(), cbn.rho)
+    mean_bar, sq_bar, coef, shares = combine(mean, sq, views.threshold)
+    assert not shares[:-1].any()        # no past entry kept
     torch.testing.assert_close(coef, torch.ones(2, dtype=DT))          # current batch alone
-    torch.testing.assert_close(stats, current)
+    torch.testing.assert_close(torch.stack((mean_bar, sq_bar)), current, rtol=0, atol=0)
     # end to end: a clamped variance gives a finite output and finite gradients
     with torch.no_grad():
         conv.weight.zero_()             # a constant (zero) conv output: variance exactly 0
@@ -398,3 +402,48 @@ def test_grad_through_window_changes_only_the_weight_gradient():
         if it > 0:   # once the window holds entries the weight gradients differ
             assert not torch.allclose(conv_a.weight.grad, conv_b.weight.grad)
         conv_a.weight.grad = conv_b.weight.grad = None
+
+
+def test_two_forwards_before_one_backward_store_both_entries():
+    """A module called twice before its backward (a shared head): each step's entry is written into the
+    staging row, so the first step's pending entry must survive the second forward. Oracle: after the one
+    backward the ring holds both batches' own means (torch's mean of the conv outputs), and nothing else."""
+    conv, cbn = _bound(buffer_num=3)
+    _step(conv, cbn, torch.randn(2, 3, 5, 5, dtype=DT))             # window path from here on (burnin=0)
+    xs = [torch.randn(2, 3, 5, 5, dtype=DT) + 3 * i for i in (1, 2)]
+    ys, outs = [], []
+    for x in xs:                            # conv, norm, conv, norm: then one backward for both
+        ys.append(conv(x.requires_grad_()))
+        outs.append(cbn(ys[-1]))
+    sum(o.sum() for o in outs).backward()
+    stored = cbn.window_mean[cbn.window_filled]
+    expected = torch.stack([y.detach().mean((0, 2, 3)) for y in ys])
+    assert stored.shape == (3, 4) and int(cbn.window_head) == 0
+    for mean in expected:
+        assert torch.isclose(stored, mean, rtol=1e-12, atol=1e-12).all(1).any(), (mean, stored)
+
+
+def test_a_non_finite_slope_refuses_the_step(monkeypatch):
+    """Finite statistics but a non-finite ∂ν/∂W: the whole entry is checked, so the step enters nothing —
+    one non-finite slope would make every later compensation NaN — and is counted in num_nonfinite. The
+    current entry is compensated like every row (0·Inf), so the step's own output is not finite either:
+    a step a GradScaler skips."""
+    import cbn_mmdet.ops.cross_iter_bn as module
+    conv, cbn = _bound(buffer_num=2)
+    for _ in range(2):
+        _step(conv, cbn, torch.randn(2, 3, 5, 5, dtype=DT))
+    before = {k: v.clone() for k, v in cbn.state_dict().items() if k != 'num_batches_tracked'}
+    original = module.second_moment_weight_grad
+
+    def overflowing(*args, **kwargs):
+        return original(*args, **kwargs).fill_(float('inf'))
+
+    monkeypatch.setattr(module, 'second_moment_weight_grad', overflowing)
+    out = _step(conv, cbn, torch.randn(2, 3, 5, 5, dtype=DT))
+    assert not torch.isfinite(out).all()
+    after = cbn.state_dict()
+    for key, value in before.items():
+        if key in ('iter_count', 'num_nonfinite'):
+            continue
+        assert torch.equal(after[key], value), key
+    assert int(after['num_nonfinite']) == int(before['num_nonfinite']) + 1
