@@ -82,7 +82,7 @@ def summarize_matches(matches, num_samples=1000, seed=0, level=0.95, untrained_o
     num_seeds = min(len(runs) for runs in matches.values())
     out = dict(ap={}, diffs={k: {i: [] for i in IOU_TYPES} for k in KINDS}, num_images=num_images,
                num_samples=num_samples, num_seeds=num_seeds, level=level)
-    draws = {}
+    draws, resampled_of = {}, {}     # the same ImageMatches (a model tested once) is resampled once
     for name, runs in matches.items():
         out['ap'][name] = {}
         for kind in KINDS:
@@ -92,7 +92,10 @@ def summarize_matches(matches, num_samples=1000, seed=0, level=0.95, untrained_o
             for iou in IOU_TYPES:
                 group = [run[kind][iou] for run in runs]
                 values = [m.ap() for m in group]
-                resampled = [resampled_aps(m, samples) for m in group]
+                for m in group:
+                    if id(m) not in resampled_of:
+                        resampled_of[id(m)] = (m, resampled_aps(m, samples))
+                resampled = [resampled_of[id(m)][1] for m in group]
                 mean_draws = np.mean([r['AP'] for r in resampled], axis=0)
                 draws[name, kind, iou] = mean_draws
                 mean, std = seed_stats([v['AP'] for v in values])
@@ -129,7 +132,14 @@ def summarize(results, gt_file, num_samples=1000, seed=0, level=0.95):
     from ..evaluation.bootstrap import ImageMatches
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(gt_file)
-    matches = {name: [{kind: {iou: ImageMatches(gt, run['detections'][kind][iou], iou) for iou in IOU_TYPES}
+    loaded = {}     # a detections file reported twice (a model without running statistics) is matched once
+
+    def image_matches(path, iou):
+        if (path, iou) not in loaded:
+            loaded[path, iou] = ImageMatches(gt, path, iou)
+        return loaded[path, iou]
+
+    matches = {name: [{kind: {iou: image_matches(run['detections'][kind][iou], iou) for iou in IOU_TYPES}
                        for kind in run['detections']} for run in runs]
                for name, runs in results.items()}
     out = summarize_matches(matches, num_samples, seed, level)

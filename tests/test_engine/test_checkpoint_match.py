@@ -64,8 +64,8 @@ def test_own_checkpoint_passes_and_bn_into_cbn_only_warns(tiny_cbn_config, ckpts
 
 @pytest.mark.parametrize('name, expected', [
     ('faster', r"model key\(s\) missing from it: roi_head\.mask_head\."),
-    ('r50', r"shape mismatch\(es\): backbone\.layer1\.0\.conv1\.weight \(64, 64, 1, 1\) in the checkpoint vs "
-            r"\(64, 64, 3, 3\) in the model"),
+    ('r50', r"shape mismatch\(es\): backbone\.layer1\.0\.conv1\.weight \(32, 32, 1, 1\) in the checkpoint vs "
+            r"\(32, 32, 3, 3\) in the model"),     # (the demo's half-width backbone)
 ])
 def test_another_models_checkpoint_is_refused(tiny_cbn_config, ckpts, name, expected):
     with pytest.raises(ConfigError, match=expected) as info:
