@@ -52,7 +52,7 @@ def _half_prescale(dtype, m):
     positions of a large map (an FPN P2 level has ~10⁵) exceeds half's range (65504) before any 1/m, and
     a constant output gradient 1/m is a subnormal half (less than 6.1e-5) from m ≈ 16k on. A power of two
     near 1/sqrt(m) keeps both in range — exact, since it only moves the exponent — and the rest of the
-    scale is applied to the small result in float32.
+    scale is applied to the small result.
     """
     if dtype != torch.float16 or m <= 1:
         return 1.0

@@ -300,6 +300,10 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         ``.to()``, ``.double()`` or a load replace the buffers, and an identity test (no dispatcher call)
         notices it."""
         window, head = self._buffers['window'], self._buffers['window_head']
+        if window.dtype in (torch.float16, torch.bfloat16):
+            # Statistics are float32 or wider (the current entry is averaged from its window row): a
+            # module cast to half (.half(), .bfloat16()) keeps its window in float32.
+            window = self._buffers['window'] = window.float()
         if self._views is None or not self._views.matches(window, head):
             self._views = WindowViews(window, head, self.num_features, self._groups)
         return self._views

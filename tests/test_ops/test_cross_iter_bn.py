@@ -447,3 +447,31 @@ def test_a_non_finite_slope_refuses_the_step(monkeypatch):
             continue
         assert torch.equal(after[key], value), key
     assert int(after['num_nonfinite']) == int(before['num_nonfinite']) + 1
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_a_module_cast_to_half_keeps_float32_statistics(dtype):
+    """`.half()` / `.bfloat16()` on conv + CBN: the current entry is averaged from its window row, so the
+    window stays float32; half-rounded moments with a large mean (bias 30) would cancel in ν − μ² (inf in
+    float16). Oracle: the same layer in float64; tolerance: half's own rounding of the output."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 1)
+    with torch.no_grad():
+        conv.bias.fill_(30.0)
+    cbn = CrossIterationBatchNorm2d(16, buffer_num=3, burnin=0)
+    bind_cbn_to_conv(cbn, conv)
+    ref_conv, ref_cbn = copy.deepcopy((conv, cbn))        # one copy: the copied CBN is bound to the copied conv
+    ref_conv.double()
+    ref_cbn.double()
+    conv.to(dtype)
+    cbn.to(dtype)
+    x = torch.randn(2, 8, 16, 16)
+    for _ in range(3):
+        out = cbn(conv(x.to(dtype).requires_grad_()))
+        out.float().sum().backward()
+        ref = ref_cbn(ref_conv(x.double().requires_grad_()))
+        ref.sum().backward()
+    assert cbn.window.dtype == torch.float32 and cbn.window_filled.sum() == 3
+    assert int(cbn.num_nonfinite) == 0
+    tol = 0.1 if dtype == torch.float16 else 0.5
+    assert (out.double() - ref).abs().max() < tol
