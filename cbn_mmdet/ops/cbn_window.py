@@ -82,7 +82,7 @@ class WindowViews:
     def __init__(self, window, head, num_features, groups):
         self.window, self.head_buffer = window, head
         n = window.shape[0] - 1
-        self.num_entries, self.num_features, self.groups = n, num_features, groups
+        self.num_entries, self.num_features = n, num_features
         self.ring = window_views(window[:n], num_features, groups)
         self.rows = window_views(window, num_features, groups)
         self.ring_rows = window[:n]
@@ -104,6 +104,12 @@ class WindowViews:
         if view is None:
             view = self._shaped[key] = self._parts[name].reshape(shape)
         return view
+
+    def write_staging_(self, **parts):
+        """Copy tensors into the staging row's parts of those names (``mean``, ``sq``, ``weight``,
+        ``mean_grad``, ``sq_grad``), any dtype and shape of the right size: one multi-tensor copy."""
+        tensors = list(parts.values())
+        torch._foreach_copy_([self.stage(name, t.shape) for name, t in parts.items()], tensors)
 
 
 def compensate(views, weight_t, rho):

@@ -58,9 +58,6 @@ from .distributed import get_world_size, sync_weighted_mean
 
 __all__ = ['CrossIterationBatchNorm2d', 'SyncCrossIterationBatchNorm2d']
 
-# The parts of a window entry, as WindowViews.stage names them.
-_ENTRY_PARTS = ('mean', 'sq', 'weight', 'mean_grad', 'sq_grad')
-
 _OWNER = 'CrossIterationBatchNorm2d'
 # Buffers a plain BN checkpoint lacks; see _load_from_state_dict for the policy.
 _CBN_ONLY_BUFFERS = ('iter_count', 'num_fallbacks', 'num_nonfinite', 'window_head', 'window_filled', 'window_mean',
@@ -661,10 +658,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 (mean_grad, sq_grad), x.shape[0] * x.shape[2] * x.shape[3], group=self.process_group)
             with torch.no_grad():
                 current = (mean_t.detach(), sq_t.detach())
-                stage = views.stage
-                torch._foreach_copy_([stage(name, t.shape) for name, t in zip(_ENTRY_PARTS, (*current, weight_t,
-                                                                                             mean_grad, sq_grad))],
-                                     [*current, weight_t, mean_grad, sq_grad])
+                views.write_staging_(mean=current[0], sq=current[1], weight=weight_t, mean_grad=mean_grad,
+                                     sq_grad=sq_grad)
                 mean, sq, coef, shares = combine(*compensate(views.rows, weight_t, self.rho), views.threshold)
                 past = torch.stack((mean - coef * current[0], sq - coef * current[1]))
                 slopes = self._window_slopes(shares[:self.buffer_num]) if self._wants_window_gradient() else None
@@ -717,9 +712,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 geometry = (weight_t.shape, conv.stride, conv.padding, conv.dilation, conv.groups)
                 out = None
                 if views is not None:   # μ_t, W_t, dμ/dW in one multi-tensor copy; dν/dW written in place
-                    torch._foreach_copy_([views.stage(name, t.shape) for name, t in
-                                          (('mean', mean_t), ('weight', weight_t), ('mean_grad', mean_grad))],
-                                         [mean_t, weight_t, mean_grad])
+                    views.write_staging_(mean=mean_t, weight=weight_t, mean_grad=mean_grad)
                     out = views.stage('sq_grad', weight_t.shape)
                 if self._sample_step is None:
                     sq_grad = second_moment_weight_grad(inp, x.detach(), *geometry, out=out)
@@ -748,8 +741,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         weight_t, mean_grad, sq_grad = weight.detach(), grads[0].detach(), grads[1].detach()
         if views is None:
             return weight_t, mean_grad, sq_grad
-        parts = {'mean': mean_t, 'weight': weight_t, 'mean_grad': mean_grad, 'sq_grad': sq_grad}
-        torch._foreach_copy_([views.stage(name, t.shape) for name, t in parts.items()], list(parts.values()))
+        views.write_staging_(mean=mean_t, weight=weight_t, mean_grad=mean_grad, sq_grad=sq_grad)
         return weight_t, None, None
 
     def _sample_grid(self, out_size):
