@@ -22,6 +22,7 @@ training forward — it never silently falls back to plain BN.
 """
 import weakref
 
+import torch
 import torch.nn as nn
 from torch.nn.modules.module import register_module_forward_pre_hook, register_module_module_registration_hook
 from torch.nn.parallel import DistributedDataParallel
@@ -179,6 +180,10 @@ def _bind_on_registration(parent, name, module):
     return None
 
 
+# Host-side bookkeeping on module sets (weak references): dynamo must not trace it — it cannot, once the
+# sets hold a compiled module, and a model compiled before its first forward runs this hook inside the
+# compiled region.
+@torch.compiler.disable
 def _bind_pending_pre_hook(module, args):
     global _hook_handle
     if not _pending and not _unnamed:

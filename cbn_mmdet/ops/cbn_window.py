@@ -74,7 +74,9 @@ class WindowViews:
       ring, ``−inf`` for the staging row (the current entry is always kept);
     * :meth:`stage`: views of the staging row's parts, in the shape of the tensor written into them
       (cached by shape), so that the forward writes each part with one operator and no reshape;
-    * ``head``: the ring position as a 1-element index (``index_copy_`` takes no 0-dim index).
+    * ``head``: the ring position as a 1-element index (``index_copy_`` takes no 0-dim index), and
+      ``staging_index`` the staging row's;
+    * ``staging_weight``: the staging row's ``W_t`` ``(C, K)``, what the rows are compensated to.
 
     A view is a dispatcher call; taking them once keeps them out of every step.
     """
@@ -91,7 +93,9 @@ class WindowViews:
         self.threshold = torch.zeros(n + 1, 1, dtype=window.dtype, device=window.device)
         self.threshold[n] = float('-inf')
         self.head = head.view(1)
+        self.staging_index = torch.full((1,), n, dtype=head.dtype, device=head.device)
         self._parts = {name: view[n] for name, view in self.rows.items()}
+        self.staging_weight = self._parts['weight']
         self._shaped = {}
 
     def matches(self, window, head):
@@ -123,7 +127,8 @@ def compensate(views, weight_t, rho):
     """
     stored_w = views['weight']
     r, c, k = stored_w.shape
-    delta = torch.sub(weight_t.reshape(c, k), stored_w)                                   # (r, C, K)
+    # (``weight_t`` may be given as (C, K) already, e.g. the staging row's copy: no reshape then)
+    delta = torch.sub(weight_t if weight_t.dim() == 2 else weight_t.reshape(c, k), stored_w)   # (r, C, K)
     if 'mean_grad_col' in views:    # one mean slope per row: a batched matrix-vector product
         mean = torch.baddbmm(views['mean_col'], delta, views['mean_grad_col'], alpha=rho).view(r, c)
     else:
@@ -131,7 +136,10 @@ def compensate(views, weight_t, rho):
         groups = mean_grad.shape[1]
         dot = (delta.view(r, groups, c // groups, k) * mean_grad.unsqueeze(2)).sum(-1).view(r, c)
         mean = torch.add(views['mean'], dot, alpha=rho)
-    sq = torch.add(views['sq'], (delta * views['sq_grad']).sum(-1), alpha=rho)
+    # The (r, C, K) product reuses delta's memory when no graph needs delta: one |window|-sized temporary
+    # per step instead of two (on a CPU each fresh large temporary also pays its page faults).
+    product = delta.mul_(views['sq_grad']) if not delta.requires_grad else delta * views['sq_grad']
+    sq = torch.add(views['sq'], product.sum(-1), alpha=rho)
     return mean, sq
 
 
@@ -199,7 +207,19 @@ class StepCommit:
         if self.pending and self.row is not None and self.row is self.views.staging:
             self.row = self.check = self.row.clone()
 
+    def rebind(self, views, num_nonfinite, running, num_batches):
+        """Point the commit at a layer's new buffers (the module was cast, e.g. ``.double()``, between the
+        step's forward and its backward): the entry is copied out of the old window first, in the new
+        window's dtype."""
+        self.own_row()
+        self.row = self.check = self.row.to(views.window.dtype)
+        self.views, self.num_nonfinite, self.num_batches = views, num_nonfinite, num_batches
+        if self.running:
+            self.running = list(running)
+
     def apply(self, grad_stat=None):
+        if not self.pending:    # applied already, or given up by the layer (see rebind's caller)
+            return
         self.pending = False
         # ±Inf or NaN anywhere in the statistics or the gradient statistic makes the sum non-finite
         total = self.check.sum() if grad_stat is None else torch.add(grad_stat.sum(), self.check.sum())
@@ -217,7 +237,13 @@ class StepCommit:
             # ``usable``: e.g. a synced layer's global batch was not empty
             write = ok if self.usable is None else ok & self.usable
             head = views.head_buffer
-            write_row_if_(views.window, views.head, self.row, write)
+            if self.row is views.staging:
+                # the ring slot takes the staging row, or its own content back: a choice of index, not
+                # a row-sized ``where`` (index_copy_ takes no source that overlaps its destination)
+                source = views.window.index_select(0, torch.where(write, views.staging_index, views.head))
+                views.window.index_copy_(0, views.head, source)
+            else:
+                write_row_if_(views.window, views.head, self.row, write)
             # the ring advances where the entry was written; the refusal counter in the same kernel
             torch._foreach_add_([head, self.num_nonfinite], [write, refused])
             head.remainder_(views.num_entries)

@@ -233,7 +233,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 handle.remove()
         # Final buffer shapes now, before any copy of the model (EMA, deepcopy) is taken.
         weight_shape = conv.weight.shape
-        self._materialise(weight_shape, conv.groups, math.prod(weight_shape[1:]))
+        self._materialise(weight_shape, conv.groups)
         self._binding = (conv, conv.register_forward_pre_hook(self._capture_conv_input),
                          conv.register_forward_hook(self._capture_conv_output))
         self._bind_error = None
@@ -259,6 +259,26 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         # Views of the window and a pending step belong to this instance's tensors: a copy rebuilds its own.
         state = super().__getstate__() if hasattr(super(), '__getstate__') else self.__dict__
         return dict(state, _views=None, _pending_commit=None)
+
+    def _apply(self, fn, *args, **kwargs):
+        # ``.to()``/``.double()``/``.half()`` replace the buffers: a step still waiting for its backward would
+        # write its entry into the old window. Same device: the pending step follows the new buffers. A
+        # move to another device between a forward and its backward cannot complete that step (its graph
+        # stays on the old device): its entry is not stored, and the layer says so.
+        pending = self._pending_commit
+        result = super()._apply(fn, *args, **kwargs)
+        if pending is not None and pending.pending:
+            if pending.views.window.device == self._buffers['window'].device:
+                running = (self.running_mean, self.running_var) if self.track_running_stats else ()
+                pending.rebind(self._window_views(), self.num_nonfinite, running,
+                               self.num_batches_tracked if pending.num_batches is not None else None)
+            else:
+                pending.pending = False
+                self._pending_commit = None
+                warnings.warn(f'{self._display_name()}: moved to another device between a training forward '
+                              'and its backward; that step enters neither the window nor the running '
+                              'statistics', stacklevel=2)
+        return result
 
     def _capture_conv_input(self, conv, args):
         if self.training and self.buffer_num > 0 and torch.is_grad_enabled():
@@ -634,8 +654,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 views = self._staging_views(weight, conv_input)
                 # the current entry goes into the staging row as its parts are computed
                 torch.addcmul(var_t, mean_t, mean_t, out=views.stage('sq', var_t.shape))
-                weight_t = self._statistic_grads(x, weight, conv_input, views, mean_t)[0]
-                mean, sq, coef, shares = combine(*compensate(views.rows, weight_t, self.rho), views.threshold)
+                self._statistic_grads(x, weight, conv_input, views, mean_t)   # W_t, ∂μ/∂W, ∂ν/∂W into the row
+                mean, sq, coef, shares = combine(*compensate(views.rows, views.staging_weight, self.rho),
+                                                views.threshold)
                 slopes = self._window_slopes(shares[:self.buffer_num]) if self._wants_window_gradient() else None
                 # Written at this step's backward, once its gradient is known to be finite.
                 commit = self._pending_commit = self._step_commit(None, mean_t, var_t, count, views=views)
@@ -660,7 +681,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 current = (mean_t.detach(), sq_t.detach())
                 views.write_staging_(mean=current[0], sq=current[1], weight=weight_t, mean_grad=mean_grad,
                                      sq_grad=sq_grad)
-                mean, sq, coef, shares = combine(*compensate(views.rows, weight_t, self.rho), views.threshold)
+                mean, sq, coef, shares = combine(*compensate(views.rows, views.staging_weight, self.rho),
+                                                views.threshold)
                 past = torch.stack((mean - coef * current[0], sq - coef * current[1]))
                 slopes = self._window_slopes(shares[:self.buffer_num]) if self._wants_window_gradient() else None
                 # Applied now: the entry is global (the same on every rank); a rank-local check of the
@@ -677,7 +699,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         """The window's views, the layer materialised for the conv it is given; a step still waiting for
         its backward gets its own copy of the staging row before this step overwrites it."""
         if weight is not None and (conv_input is None or self.bound_conv is None):
-            self._materialise(weight.shape, weight.shape[0], None)   # explicit weight: a slope row per channel
+            self._materialise(weight.shape, weight.shape[0])   # explicit weight: a slope row per channel
         if self._pending_commit is not None:
             self._pending_commit.own_row()
             self._pending_commit = None
@@ -784,7 +806,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         views = window_views(self._window_views().ring_rows.to(dtype), self.num_features, self._groups)
         return compensate(views, weight_t.to(dtype), self.rho)
 
-    def _materialise(self, weight_shape, groups, patch_len):
+    def _materialise(self, weight_shape, groups):
         """Give the window its conv-shaped parts (at binding, before any copy of the model is taken)."""
         self._materialise_layout(math.prod(weight_shape[1:]), groups)
 

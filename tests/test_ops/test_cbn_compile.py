@@ -77,3 +77,25 @@ def test_compiled_module_matches_eager_and_does_not_recompile():
     assert sum(new_graphs[5:]) == 0, new_graphs
     for name in ('running_mean', 'running_var', 'window_mean', 'window_sq', 'window_weight', 'window_head'):
         torch.testing.assert_close(getattr(twin[1], name), getattr(eager[1], name), rtol=1e-5, atol=1e-6)
+
+
+def test_models_compiled_before_their_first_forward_bind_and_train():
+    """mmengine's ``compile=True`` compiles the model before its first forward, so the binding pre-hook
+    (host bookkeeping on weak sets of modules) runs inside the compiled call. Dynamo must not trace it: once
+    a compiled module sits in those sets it cannot. A BN model and two CBN models, all built first (CBN
+    layers waiting for their conv), each compiled before its first step and run compiled first."""
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Conv2d(CIN, C, 3, padding=1, bias=False), norm)
+              for norm in (nn.BatchNorm2d(C), CrossIterationBatchNorm2d(C, buffer_num=2, burnin=0),
+                           CrossIterationBatchNorm2d(C, buffer_num=2, burnin=0))]
+    twins = [copy.deepcopy(model) for model in models]
+    for model, eager in zip(models, twins):
+        compiled = torch.compile(model, backend='aot_eager')
+        for _ in range(3):
+            x = torch.randn(2, CIN, 6, 6)
+            outs = [m(x.clone().requires_grad_()) for m in (compiled, eager)]
+            for out in outs:
+                out.square().sum().backward()
+            torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    for model in models[1:]:
+        assert model[1].is_bound and int(model[1].window_filled.sum()) == 2

@@ -1,6 +1,6 @@
 """Aten ops per bound CBN training step (conv excluded), counted deterministically with the one counter
-in cbn_mmdet.benchmark.op_count. The budgets pin today's counts (60 default, 97 grad_through_window;
-71 and 106 before the staging row, 147 and 192 before the packed window and the one-kernel backward) so
+in cbn_mmdet.benchmark.op_count. The budgets pin today's counts (59 default, 96 grad_through_window;
+60 and 97 before the staging weight was compensated to in place, 71 and 106 before the staging row, 147 and 192 before the packed window and the one-kernel backward) so
 that a regression fails; where the remaining ops go is in docs/cbn.md ("Operator count")."""
 import pytest
 import torch
@@ -9,7 +9,7 @@ import torch.nn as nn
 from cbn_mmdet.benchmark.op_count import count_aten_ops, norm_step_op_count
 from cbn_mmdet.ops import CrossIterationBatchNorm2d
 
-BUDGETS = {'default': 60, 'grad_through_window': 97}
+BUDGETS = {'default': 59, 'grad_through_window': 96}
 
 
 def _case(norm):

@@ -423,6 +423,35 @@ def test_two_forwards_before_one_backward_store_both_entries():
         assert torch.isclose(stored, mean, rtol=1e-12, atol=1e-12).all(1).any(), (mean, stored)
 
 
+def test_a_cast_between_forward_and_backward_stores_the_step_in_the_new_window():
+    """``.float()`` replaces the window between a step's forward and its backward: the step's entry must
+    land in the new window (the one the layer keeps), not in the discarded one. Oracle: the newest stored
+    mean is the batch's own mean (torch's mean of the conv output), and the ring advanced by one."""
+    conv, cbn = _bound(buffer_num=3)
+    _step(conv, cbn, torch.randn(2, 3, 5, 5, dtype=DT))
+    x = torch.randn(2, 3, 5, 5, dtype=DT) + 2.0
+    y = conv(x.requires_grad_())
+    out = cbn(y)
+    head = int(cbn.window_head)
+    cbn.float()
+    out.sum().backward()
+    assert cbn.window.dtype == torch.float32 and int(cbn.window_head) == (head + 1) % 3
+    torch.testing.assert_close(cbn.window_mean[head], y.detach().mean((0, 2, 3)).float())
+    assert int(cbn.window_filled.sum()) == 2 and int(cbn.num_nonfinite) == 0
+
+
+def test_a_device_move_between_forward_and_backward_is_said_and_stores_nothing():
+    """A move to another device cannot complete the pending step (its graph is on the old device): the
+    layer warns, and the backward still runs."""
+    conv, cbn = _bound(buffer_num=3)
+    _step(conv, cbn, torch.randn(2, 3, 5, 5, dtype=DT))
+    out = cbn(conv(torch.randn(2, 3, 5, 5, dtype=DT).requires_grad_()))
+    with pytest.warns(UserWarning, match='moved to another device between a training forward'):
+        cbn.to('meta')
+    out.sum().backward()
+    assert conv.weight.grad is not None and cbn.window.device.type == 'meta'
+
+
 def test_a_non_finite_slope_refuses_the_step(monkeypatch):
     """Finite statistics but a non-finite ∂ν/∂W: the whole entry is checked, so the step enters nothing —
     one non-finite slope would make every later compensation NaN — and is counted in num_nonfinite. The
