@@ -52,10 +52,11 @@ def test_quick_dry_run_passes(tmp_path, subprocess_env):
     assert re.search(r'# summary: \d+ PASS, 0 FAIL, \d+ SKIP, \d+ XFAIL', proc.stdout)
 
 
-def test_known_failure_that_passes_is_a_fail(capsys):
+def test_known_failure_that_passes_is_a_fail(capsys, monkeypatch):
     tool = _load_tool()
+    known = 'parity/known/fp32'
+    monkeypatch.setitem(tool.KNOWN_FAILURES, known, 'a defect listed as known')
     report = tool.Report()
-    known = next(iter(tool.KNOWN_FAILURES))
     report.line('PASS', known, 'ok')
     report.line('FAIL', known, 'still broken')
     report.line('FAIL', 'parity/new/fp32', 'broken')
