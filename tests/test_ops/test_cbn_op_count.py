@@ -1,7 +1,8 @@
 """Aten ops per bound CBN training step (conv excluded), counted deterministically with the one counter
 in cbn_mmdet.benchmark.op_count. The budgets pin today's counts (59 default, 96 grad_through_window;
-60 and 97 before the staging weight was compensated to in place, 71 and 106 before the staging row, 147 and 192 before the packed window and the one-kernel backward) so
-that a regression fails; where the remaining ops go is in docs/cbn.md ("Operator count")."""
+60 and 97 before the rows were compensated to the staging row's weight, 71 and 106 before the staging
+row, 147 and 192 before the packed window and the one-kernel backward) so that a regression fails; where
+the remaining ops go is in docs/cbn.md ("Operator count")."""
 import pytest
 import torch
 import torch.nn as nn
