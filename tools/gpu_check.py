@@ -428,12 +428,12 @@ def check_amp_inf_grad(h, name):
     forward_alone = copy.deepcopy(init).to(h.device)
     h.train(forward_alone, batches, scaler=_scaler(h, 2.0 ** 8, forward_alone), forward_only={k: 2.0 ** 7})
     err_forward, key_forward, _ = compare_states(torch, h.state(hit), h.state(forward_alone), keys=floats)
-    detail = (f'inf gradient at step {k}/{steps}: max_rel_err vs the run dropping that update {err_dropped:.2e}'
-              + (f' (at {key_dropped})' if key_dropped else '')
-              + f', vs the run without that batch {err_unseen:.2e}' + (f' (at {key_unseen})' if key_unseen else '')
-              + f', vs the run with its forward alone {err_forward:.2e}'
-              + (f' (at {key_forward})' if key_forward else ''))
-    return ('PASS' if min(err_dropped, err_unseen, err_forward) <= 1e-5 else 'FAIL'), detail
+    references = (('the run dropping that update', err_dropped, key_dropped),
+                  ('the run without that batch', err_unseen, key_unseen),
+                  ('the run with its forward alone', err_forward, key_forward))
+    detail = f'inf gradient at step {k}/{steps}: max_rel_err ' + ', '.join(
+        f'vs {label} {err:.2e}' + (f' (at {key})' if key else '') for label, err, key in references)
+    return ('PASS' if min(err for _, err, _ in references) <= 1e-5 else 'FAIL'), detail
 
 
 def check_amp_scale_change(h, name):

@@ -713,9 +713,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         """W_t (detached), dμ/dW and dν/dW of the current iteration.
 
         With ``views`` (and the current mean ``mean_t``) they are written into the staging row together
-        with μ_t, and ``(W_t, None, None)`` is returned; without, ``(W_t, dμ/dW, dν/dW)`` (dν/dW in W's
-        shape). The slopes are computed from the conv's input and output in their own dtype (half under
-        autocast: the large tensors are not copied to float32) and stored in the window's dtype.
+        with μ_t, and nothing is returned; without, ``(W_t, dμ/dW, dν/dW)`` (dν/dW in W's shape). The
+        slopes are computed from the conv's input and output in their own dtype (half under autocast: the
+        large tensors are not copied to float32) and stored in the window's dtype.
         """
         conv = self.bound_conv
         if conv is not None and conv_input is not None:
@@ -742,7 +742,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                     step, phase = self._sample_now
                     sq_grad = sampled_second_moment_weight_grad(inp, x.detach(), *geometry, step=step,
                                                                 phase=phase, out=out)
-            return (weight_t, None, None) if views is not None else (weight_t, mean_grad, sq_grad)
+            return None if views is not None else (weight_t, mean_grad, sq_grad)
         if weight is None:
             raise CBNBindError(f'{self._display_name()}: the bound conv did not run before this layer '
                                '(no conv input captured); pass forward(x, weight) or fix the binding')
@@ -764,7 +764,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         if views is None:
             return weight_t, mean_grad, sq_grad
         views.write_staging_(mean=mean_t, weight=weight_t, mean_grad=mean_grad, sq_grad=sq_grad)
-        return weight_t, None, None
+        return None
 
     def _sample_grid(self, out_size):
         """``(step, phase)`` of the fast mode for an output map ``out_size``: the grid is clamped to the
