@@ -65,20 +65,25 @@ class _CBNNormalise(torch.autograd.Function):
             # the clamp active), where the variance path carries no gradient: floored there.
             s = torch.nan_to_num(torch.rsqrt(torch.add(var_in, std, alpha=-eps) / cf), posinf=_TINY_INV_STD)
         ratio = inv / s
-        kernel_weight = ratio if weight is None else weight * ratio
+        # the kernel's weight γ' = a/s = γ·inv/s, and (window path, grad_through_window) a = γ·inv itself
+        wants_a = windowed or ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+        if weight is None:
+            kernel_weight, a = ratio, inv
+        elif wants_a:      # both products in one multi-tensor kernel
+            kernel_weight, a = torch._foreach_mul([ratio, inv], [weight, weight])
+        else:
+            kernel_weight, a = weight * ratio, None
         grad_x, centred, sum_g = torch.ops.aten.native_batch_norm_backward(
             grad_out, x, kernel_weight, None, None, mean, s, True, 0.0, [True, weight is not None, True])
         if ctx.commit is not None:   # the layer's state takes this step only if Σg is finite too
             ctx.commit.apply(sum_g)
             ctx.commit = None
         if windowed:   # BN's constant has a, the window's c·a: add the difference (1 − c)·a·Σg/M
-            a = inv if weight is None else weight * inv
             grad_x.add_((torch.addcmul(a, a, coef, value=-1) * sum_g).view(1, -1, 1, 1), alpha=1.0 / count)
         grad_weight = None if weight is None else centred * ratio
         grad_mean = grad_var = None
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
             # grad_through_window: μ̄ and σ̄² carry gradients of their own (the compensated past terms).
-            a = inv if weight is None else weight * inv
             grad_var = -0.5 * a * centred * s / cf          # dL/dσ̄² = −a·Σg(x−μ̄)·q/2, q = s²/(c·f)
             grad_mean = -a * sum_g
         return (grad_x, grad_weight, sum_g if has_bias else None, grad_mean, grad_var, None, None, None, None,

@@ -23,12 +23,14 @@ given), with a fixed sequence of operators whatever the window holds: no branch 
 host read, so a step never synchronises with the device and the functions trace under
 ``torch.compile(fullgraph=True)``.
 """
+import math
+
 import torch
 
 from ._bn_common import lerp_running_stats_, write_row_if_
 
-__all__ = ['window_row_length', 'empty_window', 'window_views', 'WindowViews', 'compensate', 'combine',
-           'keep_newest_', 'StepCommit', 'EMPTY_SQ']
+__all__ = ['window_row_length', 'empty_window', 'window_views', 'compensated_scratch', 'WindowViews',
+           'compensate', 'combine', 'keep_newest_', 'StepCommit', 'EMPTY_SQ']
 
 # Second moment of an empty slot: impossible for real data (E[y²] >= 0), so the slot is always dropped.
 EMPTY_SQ = -1.0
@@ -65,6 +67,15 @@ def window_views(window, num_features, groups):
     return views
 
 
+def compensated_scratch(num_rows, num_features, dtype=None, device=None):
+    """Where :func:`compensate` writes the compensated rows of a window of ``num_rows`` rows: ``stats``
+    ``(2, r, C)`` (``[μ; ν]`` of every row, the layout :func:`combine` averages both from in one product)
+    and its views ``mean``/``sq`` ``(r, C)`` and ``mean_col`` ``(r, C, 1)``. Made once per window: the
+    rows are rewritten every step, and are only read within that step's forward (nothing keeps them)."""
+    stats = torch.empty(2, num_rows, num_features, dtype=dtype, device=device)
+    return {'stats': stats, 'mean': stats[0], 'sq': stats[1], 'mean_col': stats[0].unsqueeze(-1)}
+
+
 class WindowViews:
     """Every view a layer takes of its window ``(n + 1, L)`` and ring position, made once per buffer.
 
@@ -76,7 +87,8 @@ class WindowViews:
       (cached by shape), so that the forward writes each part with one operator and no reshape;
     * ``head``: the ring position as a 1-element index (``index_copy_`` takes no 0-dim index), and
       ``staging_index`` the staging row's;
-    * ``staging_weight``: the staging row's ``W_t`` ``(C, K)``, what the rows are compensated to.
+    * ``staging_weight``: the staging row's ``W_t`` ``(C, K)``, what the rows are compensated to;
+    * ``compensated``: the :func:`compensated_scratch` a step's :func:`compensate` writes into.
 
     A view is a dispatcher call; taking them once keeps them out of every step.
     """
@@ -96,6 +108,7 @@ class WindowViews:
         self.staging_index = torch.full((1,), n, dtype=head.dtype, device=head.device)
         self._parts = {name: view[n] for name, view in self.rows.items()}
         self.staging_weight = self._parts['weight']
+        self.compensated = compensated_scratch(n + 1, num_features, dtype=window.dtype, device=window.device)
         self._shaped = {}
 
     def matches(self, window, head):
@@ -116,7 +129,7 @@ class WindowViews:
         torch._foreach_copy_([self.stage(name, t.shape) for name, t in parts.items()], tensors)
 
 
-def compensate(views, weight_t, rho):
+def compensate(views, weight_t, rho, out=None):
     """Every row moved to the current weight by CBN's Taylor step: ``(mean, sq)``, each ``(r, C)``.
 
     ``μ_τ(W_t) = μ_τ + ρ·Σ_k (W_t − W_τ)[c, k]·∂μ_τ/∂W[g(c), k]`` (same for ν). The weight difference is
@@ -124,32 +137,42 @@ def compensate(views, weight_t, rho):
     ``Σ W_t·g − Σ W_τ·g`` instead would lose the (small) offset to cancellation, badly so under TF32 (a
     TF32 product of the difference errs by ~1e-3 of the offset itself, not of the statistic). A row that
     stores ``W_t`` itself (the staging row) gets a zero difference: its own values, exactly.
+
+    ``out``: a :func:`compensated_scratch` of the right size to write the rows into (the layer's own, so
+    that a step allocates no per-row vectors and takes no view of fresh ones); the results are then its
+    ``mean`` and ``sq``.
     """
     stored_w = views['weight']
     r, c, k = stored_w.shape
     # (``weight_t`` may be given as (C, K) already, e.g. the staging row's copy: no reshape then)
     delta = torch.sub(weight_t if weight_t.dim() == 2 else weight_t.reshape(c, k), stored_w)   # (r, C, K)
     if 'mean_grad_col' in views:    # one mean slope per row: a batched matrix-vector product
-        mean = torch.baddbmm(views['mean_col'], delta, views['mean_grad_col'], alpha=rho).view(r, c)
+        if out is None:
+            mean = torch.baddbmm(views['mean_col'], delta, views['mean_grad_col'], alpha=rho).view(r, c)
+        else:
+            torch.baddbmm(views['mean_col'], delta, views['mean_grad_col'], alpha=rho, out=out['mean_col'])
+            mean = out['mean']
     else:
         mean_grad = views['mean_grad']
         groups = mean_grad.shape[1]
         dot = (delta.view(r, groups, c // groups, k) * mean_grad.unsqueeze(2)).sum(-1).view(r, c)
-        mean = torch.add(views['mean'], dot, alpha=rho)
+        mean = torch.add(views['mean'], dot, alpha=rho, **({} if out is None else {'out': out['mean']}))
     # The (r, C, K) product reuses delta's memory when no graph needs delta: one |window|-sized temporary
     # per step instead of two (on a CPU each fresh large temporary also pays its page faults).
     product = delta.mul_(views['sq_grad']) if not delta.requires_grad else delta * views['sq_grad']
-    sq = torch.add(views['sq'], product.sum(-1), alpha=rho)
+    sq = torch.add(views['sq'], product.sum(-1), alpha=rho, **({} if out is None else {'out': out['sq']}))
     return mean, sq
 
 
-def combine(mean, sq, threshold):
+def combine(mean, sq, threshold, stats=None):
     """Average the rows whose compensated variance passes ``threshold``.
 
     Args:
         mean, sq: ``(r, C)`` from :func:`compensate`.
         threshold: ``(r, 1)``; a row is kept where ``sq − mean² ≥ threshold`` (official rule for past
             entries: 0; the current entry: ``−inf``, always kept; empty slots never pass 0).
+        stats: ``(2, r, C)`` whose rows ``mean`` and ``sq`` are (a :func:`compensated_scratch`'s), so that
+            both averages are one product and one sum; stacked here when not given.
 
     Returns:
         ``(mean_bar, sq_bar, coef, shares)``: the mean of the kept ``mean`` and ``sq`` ``(C,)`` each,
@@ -159,7 +182,10 @@ def combine(mean, sq, threshold):
     valid = torch.addcmul(sq, mean, mean, value=-1) >= threshold
     coef = torch.reciprocal(valid.sum(0, dtype=mean.dtype))
     shares = valid * coef
-    return (shares * mean).sum(0), (shares * sq).sum(0), coef, shares
+    if stats is None:
+        stats = torch.stack((mean, sq))
+    mean_bar, sq_bar = (shares * stats).sum(1).unbind(0)
+    return mean_bar, sq_bar, coef, shares
 
 
 def keep_newest_(ring, head, size, num_features):
@@ -221,9 +247,14 @@ class StepCommit:
         if not self.pending:    # applied already, or given up by the layer (see rebind's caller)
             return
         self.pending = False
-        # ±Inf or NaN anywhere in the statistics or the gradient statistic makes the sum non-finite
-        total = self.check.sum() if grad_stat is None else torch.add(grad_stat.sum(), self.check.sum())
-        ok = total * 0 == 0        # (isfinite is four operators; 0·x is NaN exactly for x = ±Inf, NaN)
+        # ±Inf or NaN anywhere in the statistics or the gradient statistic makes their L1 norm +Inf or
+        # NaN; a norm is never −Inf, so one comparison is ``isfinite`` (four operators) here. Both norms
+        # are one multi-tensor kernel.
+        if grad_stat is None:
+            total = torch.linalg.vector_norm(self.check, 1)
+        else:
+            total = torch.add(*torch._foreach_norm([self.check, grad_stat], 1))
+        ok = total < math.inf
         refused = ok.logical_not()
         if self.views is None:
             self.num_nonfinite.add_(refused)

@@ -655,8 +655,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 # the current entry goes into the staging row as its parts are computed
                 torch.addcmul(var_t, mean_t, mean_t, out=views.stage('sq', var_t.shape))
                 self._statistic_grads(x, weight, conv_input, views, mean_t)   # W_t, ∂μ/∂W, ∂ν/∂W into the row
-                mean, sq, coef, shares = combine(*compensate(views.rows, views.staging_weight, self.rho),
-                                                views.threshold)
+                mean, sq, coef, shares = self._window_average(views)
                 slopes = self._window_slopes(shares[:self.buffer_num]) if self._wants_window_gradient() else None
                 # Written at this step's backward, once its gradient is known to be finite.
                 commit = self._pending_commit = self._step_commit(None, mean_t, var_t, count, views=views)
@@ -681,8 +680,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 current = (mean_t.detach(), sq_t.detach())
                 views.write_staging_(mean=current[0], sq=current[1], weight=weight_t, mean_grad=mean_grad,
                                      sq_grad=sq_grad)
-                mean, sq, coef, shares = combine(*compensate(views.rows, views.staging_weight, self.rho),
-                                                views.threshold)
+                mean, sq, coef, shares = self._window_average(views)
                 past = torch.stack((mean - coef * current[0], sq - coef * current[1]))
                 slopes = self._window_slopes(shares[:self.buffer_num]) if self._wants_window_gradient() else None
                 # Applied now: the entry is global (the same on every rank); a rank-local check of the
@@ -694,6 +692,12 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             var = (coef * sq_t + past_sq - mean * mean).clamp_min(0)
             out = self._normalise(x.to(mean.dtype), mean, var)
         return out.to(x.dtype)
+
+    def _window_average(self, views):
+        """The window average of this step (the staging row holds the current entry): see ``combine``."""
+        scratch = views.compensated
+        mean, sq = compensate(views.rows, views.staging_weight, self.rho, out=scratch)
+        return combine(mean, sq, views.threshold, stats=scratch['stats'])
 
     def _staging_views(self, weight, conv_input):
         """The window's views, the layer materialised for the conv it is given; a step still waiting for
