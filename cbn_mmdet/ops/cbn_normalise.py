@@ -33,6 +33,25 @@ __all__ = ['cbn_normalise']
 _TINY_INV_STD = 1e-12
 
 
+_FILLED = {}
+_FILLED_MAX = 256
+
+
+def _filled(like, value):
+    """A dense tensor of ``like``'s shape, dtype and device filled with ``value``, made once and reused: a
+    per-channel constant operand of a multi-tensor kernel (dense, so that a GPU takes its fused path)."""
+    compiling = getattr(torch.compiler, 'is_compiling', lambda: False)()
+    key = (tuple(like.shape), value, like.dtype, like.device)
+    cached = None if compiling else _FILLED.get(key)
+    if cached is None:
+        cached = torch.full_like(like, value, memory_format=torch.contiguous_format)
+        if not compiling:
+            if len(_FILLED) >= _FILLED_MAX:
+                _FILLED.clear()
+            _FILLED[key] = cached
+    return cached
+
+
 class _CBNNormalise(torch.autograd.Function):
 
     @staticmethod
@@ -60,10 +79,13 @@ class _CBNNormalise(torch.autograd.Function):
             inv = torch.rsqrt(var_in + eps)
             s = torch.where(var_raw >= 0, inv * (cf.sqrt() if windowed else cf ** 0.5), _TINY_INV_STD)
         else:
-            inv = torch.reciprocal(std + eps)
             # s² = c·f·inv/std = c·f/(σ̄² + ε·std): infinite exactly where σ̄² = 0 (a constant channel or
-            # the clamp active), where the variance path carries no gradient: floored there.
-            s = torch.nan_to_num(torch.rsqrt(torch.add(var_in, std, alpha=-eps) / cf), posinf=_TINY_INV_STD)
+            # the clamp active), where the variance path carries no gradient: floored there. Two chains of
+            # per-channel ops in step, one multi-tensor kernel each: u = std + ε with w = σ̄² + ε·std
+            # (= var_in − ε·std), then inv = 1/u with s = (w/(c·f))^(−1/2).
+            u, w = torch._foreach_add([std, var_in], [_filled(std, -1.0), std], alpha=-eps)
+            inv, s = torch._foreach_pow([u, w / cf], [-1.0, -0.5])
+            s = torch.nan_to_num(s, posinf=_TINY_INV_STD)
         ratio = inv / s
         # the kernel's weight γ' = a/s = γ·inv/s, and (window path, grad_through_window) a = γ·inv itself
         wants_a = windowed or ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
@@ -78,9 +100,16 @@ class _CBNNormalise(torch.autograd.Function):
         if ctx.commit is not None:   # the layer's state takes this step only if Σg is finite too
             ctx.commit.apply(sum_g)
             ctx.commit = None
+        grad_weight = None
         if windowed:   # BN's constant has a, the window's c·a: add the difference (1 − c)·a·Σg/M
-            grad_x.add_((torch.addcmul(a, a, coef, value=-1) * sum_g).view(1, -1, 1, 1), alpha=1.0 / count)
-        grad_weight = None if weight is None else centred * ratio
+            window_share = torch.addcmul(a, a, coef, value=-1)
+            if weight is None:
+                constant = window_share * sum_g
+            else:          # with γ's gradient Σg(x − μ̄)·s·(inv/s): one multi-tensor kernel
+                constant, grad_weight = torch._foreach_mul([window_share, centred], [sum_g, ratio])
+            grad_x.add_(constant.view(1, -1, 1, 1), alpha=1.0 / count)
+        elif weight is not None:
+            grad_weight = centred * ratio
         grad_mean = grad_var = None
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
             # grad_through_window: μ̄ and σ̄² carry gradients of their own (the compensated past terms).
