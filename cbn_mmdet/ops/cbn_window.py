@@ -69,10 +69,12 @@ def window_views(window, num_features, groups):
 
 def compensated_scratch(num_rows, num_features, dtype=None, device=None):
     """Where :func:`compensate` writes the compensated rows of a window of ``num_rows`` rows: ``stats``
-    ``(2, r, C)`` (``[μ; ν]`` of every row, the layout :func:`combine` averages both from in one product)
-    and its views ``mean``/``sq`` ``(r, C)`` and ``mean_col`` ``(r, C, 1)``. Made once per window: the
-    rows are rewritten every step, and are only read within that step's forward (nothing keeps them)."""
-    stats = torch.empty(2, num_rows, num_features, dtype=dtype, device=device)
+    ``(3, r, C)`` = ``[μ; ν; 1]`` of every row (the layout from which :func:`combine` takes both sums and
+    the count of kept rows in one product and one sum; the row of ones is written here, once) and its
+    views ``mean``/``sq`` ``(r, C)`` and ``mean_col`` ``(r, C, 1)``. Made once per window: the rows are
+    rewritten every step and only read within that step's forward (nothing keeps them)."""
+    stats = torch.empty(3, num_rows, num_features, dtype=dtype, device=device)
+    stats[2] = 1
     return {'stats': stats, 'mean': stats[0], 'sq': stats[1], 'mean_col': stats[0].unsqueeze(-1)}
 
 
@@ -164,15 +166,17 @@ def compensate(views, weight_t, rho, out=None):
     return mean, sq
 
 
-def combine(mean, sq, threshold, stats=None):
+def combine(mean, sq, threshold, stats=None, with_shares=True):
     """Average the rows whose compensated variance passes ``threshold``.
 
     Args:
         mean, sq: ``(r, C)`` from :func:`compensate`.
         threshold: ``(r, 1)``; a row is kept where ``sq − mean² ≥ threshold`` (official rule for past
             entries: 0; the current entry: ``−inf``, always kept; empty slots never pass 0).
-        stats: ``(2, r, C)`` whose rows ``mean`` and ``sq`` are (a :func:`compensated_scratch`'s), so that
-            both averages are one product and one sum; stacked here when not given.
+        stats: ``(3, r, C)`` = ``[mean; sq; 1]`` (a :func:`compensated_scratch`'s, whose rows ``mean`` and
+            ``sq`` are), so that both sums and the count are one product and one sum; stacked here when
+            not given.
+        with_shares: False when the caller does not need ``shares`` (returned as None: one op fewer).
 
     Returns:
         ``(mean_bar, sq_bar, coef, shares)``: the mean of the kept ``mean`` and ``sq`` ``(C,)`` each,
@@ -180,12 +184,12 @@ def combine(mean, sq, threshold, stats=None):
         average (``coef`` where kept, 0 elsewhere).
     """
     valid = torch.addcmul(sq, mean, mean, value=-1) >= threshold
-    coef = torch.reciprocal(valid.sum(0, dtype=mean.dtype))
-    shares = valid * coef
     if stats is None:
-        stats = torch.stack((mean, sq))
-    mean_bar, sq_bar = (shares * stats).sum(1).unbind(0)
-    return mean_bar, sq_bar, coef, shares
+        stats = torch.stack((mean, sq, torch.ones_like(mean)))
+    sum_mean, sum_sq, count = (valid * stats).sum(1).unbind(0)
+    coef = torch.reciprocal(count)
+    mean_bar, sq_bar = torch._foreach_mul([sum_mean, sum_sq], [coef, coef])
+    return mean_bar, sq_bar, coef, valid * coef if with_shares else None
 
 
 def keep_newest_(ring, head, size, num_features):
