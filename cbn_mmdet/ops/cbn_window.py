@@ -68,14 +68,21 @@ def window_views(window, num_features, groups):
 
 
 def compensated_scratch(num_rows, num_features, dtype=None, device=None):
-    """Where :func:`compensate` writes the compensated rows of a window of ``num_rows`` rows: ``stats``
-    ``(3, r, C)`` = ``[μ; ν; 1]`` of every row (the layout from which :func:`combine` takes both sums and
-    the count of kept rows in one product and one sum; the row of ones is written here, once) and its
-    views ``mean``/``sq`` ``(r, C)`` and ``mean_col`` ``(r, C, 1)``. Made once per window: the rows are
-    rewritten every step and only read within that step's forward (nothing keeps them)."""
+    """The per-step scratch of :func:`compensate` and :func:`combine` for a window of ``num_rows`` rows:
+
+    * ``stats`` ``(3, r, C)`` = ``[μ; ν; 1]`` of every compensated row, with the views ``mean``/``sq``
+      ``(r, C)`` and ``mean_col`` ``(r, C, 1)`` that :func:`compensate` writes (the row of ones is written
+      here, once): :func:`combine` takes both sums and the count of kept rows from it in one product and
+      one sum;
+    * ``sums`` ``(3, C)``, where that sum goes, and its rows ``sum_parts``.
+
+    Made once per window; rewritten every step and only read within that step's forward (what a step keeps
+    for its backward is computed from it, never a view of it)."""
     stats = torch.empty(3, num_rows, num_features, dtype=dtype, device=device)
     stats[2] = 1
-    return {'stats': stats, 'mean': stats[0], 'sq': stats[1], 'mean_col': stats[0].unsqueeze(-1)}
+    sums = torch.empty(3, num_features, dtype=dtype, device=device)
+    return {'stats': stats, 'mean': stats[0], 'sq': stats[1], 'mean_col': stats[0].unsqueeze(-1), 'sums': sums,
+            'sum_parts': sums.unbind(0)}
 
 
 class WindowViews:
@@ -166,16 +173,15 @@ def compensate(views, weight_t, rho, out=None):
     return mean, sq
 
 
-def combine(mean, sq, threshold, stats=None, with_shares=True):
+def combine(mean, sq, threshold, scratch=None, with_shares=True):
     """Average the rows whose compensated variance passes ``threshold``.
 
     Args:
         mean, sq: ``(r, C)`` from :func:`compensate`.
         threshold: ``(r, 1)``; a row is kept where ``sq − mean² ≥ threshold`` (official rule for past
             entries: 0; the current entry: ``−inf``, always kept; empty slots never pass 0).
-        stats: ``(3, r, C)`` = ``[mean; sq; 1]`` (a :func:`compensated_scratch`'s, whose rows ``mean`` and
-            ``sq`` are), so that both sums and the count are one product and one sum; stacked here when
-            not given.
+        scratch: the :func:`compensated_scratch` whose ``mean`` and ``sq`` these are: both sums and the
+            count are then one product and one sum into its ``sums``, and no tensor is stacked or split.
         with_shares: False when the caller does not need ``shares`` (returned as None: one op fewer).
 
     Returns:
@@ -184,9 +190,11 @@ def combine(mean, sq, threshold, stats=None, with_shares=True):
         average (``coef`` where kept, 0 elsewhere).
     """
     valid = torch.addcmul(sq, mean, mean, value=-1) >= threshold
-    if stats is None:
-        stats = torch.stack((mean, sq, torch.ones_like(mean)))
-    sum_mean, sum_sq, count = (valid * stats).sum(1).unbind(0)
+    if scratch is None:
+        sum_mean, sum_sq, count = (valid * torch.stack((mean, sq, torch.ones_like(mean)))).sum(1).unbind(0)
+    else:
+        torch.sum(valid * scratch['stats'], 1, out=scratch['sums'])
+        sum_mean, sum_sq, count = scratch['sum_parts']
     coef = torch.reciprocal(count)
     mean_bar, sq_bar = torch._foreach_mul([sum_mean, sum_sq], [coef, coef])
     return mean_bar, sq_bar, coef, valid * coef if with_shares else None

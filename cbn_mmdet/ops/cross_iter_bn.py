@@ -697,7 +697,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         """The window average of this step (the staging row holds the current entry): see ``combine``."""
         scratch = views.compensated
         mean, sq = compensate(views.rows, views.staging_weight, self.rho, out=scratch)
-        return combine(mean, sq, views.threshold, stats=scratch['stats'], with_shares=self._wants_window_gradient())
+        return combine(mean, sq, views.threshold, scratch=scratch, with_shares=self._wants_window_gradient())
 
     def _staging_views(self, weight, conv_input):
         """The window's views, the layer materialised for the conv it is given; a step still waiting for
