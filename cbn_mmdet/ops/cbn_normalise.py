@@ -53,48 +53,66 @@ def _filled(like, value):
 
 
 class _CBNNormalise(torch.autograd.Function):
+    """The per-channel arithmetic is grouped into multi-tensor kernels (one kernel, one dispatch for
+    several C-vectors that do not depend on each other): on a GPU each operator is a kernel launch, and a
+    step is mostly such small ones. With ``std = sqrt(σ̄²)``, ``u = std + ε``, ``w = σ̄² + ε·std = std·u``:
+    ``inv = 1/u`` and ``s² = c·f/w``."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, mean, var_raw, coef, var_factor, eps, eps_inside_sqrt, count, commit):
         var = var_raw.clamp_min(0)
         if eps_inside_sqrt:
-            std, var_in, bn_eps = None, var, eps
+            var_in, bn_eps, saved = var, eps, (var, var_raw)
         else:
             std = var.sqrt()
-            var_in, bn_eps = torch.add(var, std, alpha=2.0 * eps), eps * eps
+            one = _filled(std, 1.0)
+            # var_in = σ̄² + 2ε·std, the kernel's variance (see the module docstring); u, w for the backward;
+            # 1 − c, the window's share of the input gradient's constant
+            parts = [var, std, var] + ([one] if coef is not None else [])
+            factors = [std, one, std] + ([coef] if coef is not None else [])
+            var_in, u, w, *rest = torch._foreach_addcmul(parts, factors, [one] * len(parts),
+                                                         [2.0 * eps, eps, eps, -1.0][:len(parts)])
+            bn_eps, saved = eps * eps, (u, w, rest[0] if rest else None)
         out = torch.ops.aten.native_batch_norm(x, weight, bias, mean, var_in, False, 0.0, bn_eps)[0]
-        ctx.save_for_backward(x, weight, mean, var_in, std, var_raw, coef)
+        ctx.save_for_backward(x, weight, mean, coef, *saved)
         ctx.config = (var_factor, eps, eps_inside_sqrt, count, bias is not None)
         ctx.commit = commit
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, mean, var_in, std, var_raw, coef = ctx.saved_tensors
+        x, weight, mean, coef, *saved = ctx.saved_tensors
         var_factor, eps, eps_inside_sqrt, count, has_bias = ctx.config
         windowed = coef is not None
+        through_window = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
         # (BN's backward kernels take any strides of grad_out, as torch's own BN backward relies on.)
         cf = coef if windowed else var_factor
         if eps_inside_sqrt:
+            var_in, var_raw = saved
             inv = torch.rsqrt(var_in + eps)
             s = torch.where(var_raw >= 0, inv * (cf.sqrt() if windowed else cf ** 0.5), _TINY_INV_STD)
+            ratio = inv / s
+            rest = torch.rsub(coef, 1.0) if windowed else None
+            inv_rest = inv * rest if windowed else None
         else:
-            # s² = c·f·inv/std = c·f/(σ̄² + ε·std): infinite exactly where σ̄² = 0 (a constant channel or
-            # the clamp active), where the variance path carries no gradient: floored there. Two chains of
-            # per-channel ops in step, one multi-tensor kernel each: u = std + ε with w = σ̄² + ε·std
-            # (= var_in − ε·std), then inv = 1/u with s = (w/(c·f))^(−1/2).
-            u, w = torch._foreach_add([std, var_in], [_filled(std, -1.0), std], alpha=-eps)
-            inv, s = torch._foreach_pow([u, w / cf], [-1.0, -0.5])
-            s = torch.nan_to_num(s, posinf=_TINY_INV_STD)
-        ratio = inv / s
-        # the kernel's weight γ' = a/s = γ·inv/s, and (window path, grad_through_window) a = γ·inv itself
-        wants_a = windowed or ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+            u, w, rest = saved
+            # s² = c·f/w, infinite exactly where σ̄² = 0 (a constant channel or the clamp active), where the
+            # variance path carries no gradient: floored there, before s, 1/s and inv = 1/u are taken in one
+            # kernel, so that the kernel's γ' = a/s stays finite and consistent with s.
+            s_sq = torch.div(coef, w) if windowed else torch.reciprocal(w).mul_(cf)
+            s_sq = torch.nan_to_num(s_sq, posinf=_TINY_INV_STD ** 2)
+            s, s_inv, inv = torch._foreach_pow([s_sq, s_sq, u], [0.5, -0.5, -1.0])
+            if windowed:   # ratio = inv/s, and inv·(1 − c) for the window's constant
+                ratio, inv_rest = torch._foreach_mul([inv, inv], [s_inv, rest])
+            else:
+                ratio, inv_rest = inv * s_inv, None
+        # the kernel's weight γ' = a/s = γ·ratio, and (window path) the window's share γ·inv·(1 − c)
         if weight is None:
-            kernel_weight, a = ratio, inv
-        elif wants_a:      # both products in one multi-tensor kernel
-            kernel_weight, a = torch._foreach_mul([ratio, inv], [weight, weight])
+            kernel_weight, window_share = ratio, inv_rest
+        elif windowed:
+            kernel_weight, window_share = torch._foreach_mul([ratio, inv_rest], [weight, weight])
         else:
-            kernel_weight, a = weight * ratio, None
+            kernel_weight, window_share = weight * ratio, None
         grad_x, centred, sum_g = torch.ops.aten.native_batch_norm_backward(
             grad_out, x, kernel_weight, None, None, mean, s, True, 0.0, [True, weight is not None, True])
         if ctx.commit is not None:   # the layer's state takes this step only if Σg is finite too
@@ -102,7 +120,6 @@ class _CBNNormalise(torch.autograd.Function):
             ctx.commit = None
         grad_weight = None
         if windowed:   # BN's constant has a, the window's c·a: add the difference (1 − c)·a·Σg/M
-            window_share = torch.addcmul(a, a, coef, value=-1)
             if weight is None:
                 constant = window_share * sum_g
             else:          # with γ's gradient Σg(x − μ̄)·s·(inv/s): one multi-tensor kernel
@@ -111,8 +128,9 @@ class _CBNNormalise(torch.autograd.Function):
         elif weight is not None:
             grad_weight = centred * ratio
         grad_mean = grad_var = None
-        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+        if through_window:
             # grad_through_window: μ̄ and σ̄² carry gradients of their own (the compensated past terms).
+            a = inv if weight is None else weight * inv
             grad_var = -0.5 * a * centred * s / cf          # dL/dσ̄² = −a·Σg(x−μ̄)·q/2, q = s²/(c·f)
             grad_mean = -a * sum_g
         return (grad_x, grad_weight, sum_g if has_bias else None, grad_mean, grad_var, None, None, None, None,
