@@ -74,7 +74,7 @@ def compensated_scratch(num_rows, num_features, dtype=None, device=None):
       ``(r, C)`` and ``mean_col`` ``(r, C, 1)`` that :func:`compensate` writes (the row of ones is written
       here, once): :func:`combine` takes both sums and the count of kept rows from it in one product and
       one sum;
-    * ``sums`` ``(3, C)``, where that sum goes, and its rows ``sum_parts``.
+    * ``sums`` ``(3, C)``, where that sum goes, and its rows ``sum_parts``; ``ones`` ``(C,)``.
 
     Made once per window; rewritten every step and only read within that step's forward (what a step keeps
     for its backward is computed from it, never a view of it)."""
@@ -82,7 +82,7 @@ def compensated_scratch(num_rows, num_features, dtype=None, device=None):
     stats[2] = 1
     sums = torch.empty(3, num_features, dtype=dtype, device=device)
     return {'stats': stats, 'mean': stats[0], 'sq': stats[1], 'mean_col': stats[0].unsqueeze(-1), 'sums': sums,
-            'sum_parts': sums.unbind(0)}
+            'sum_parts': sums.unbind(0), 'ones': stats[2, 0]}
 
 
 class WindowViews:
@@ -191,12 +191,14 @@ def combine(mean, sq, threshold, scratch=None, with_shares=True):
     """
     valid = torch.addcmul(sq, mean, mean, value=-1) >= threshold
     if scratch is None:
-        sum_mean, sum_sq, count = (valid * torch.stack((mean, sq, torch.ones_like(mean)))).sum(1).unbind(0)
+        ones = torch.ones_like(mean[0])
+        sum_mean, sum_sq, count = (valid * torch.stack((mean, sq, ones.expand_as(mean)))).sum(1).unbind(0)
     else:
+        ones = scratch['ones']
         torch.sum(valid * scratch['stats'], 1, out=scratch['sums'])
         sum_mean, sum_sq, count = scratch['sum_parts']
-    coef = torch.reciprocal(count)
-    mean_bar, sq_bar = torch._foreach_mul([sum_mean, sum_sq], [coef, coef])
+    # the two averages and 1/count, one multi-tensor kernel
+    mean_bar, sq_bar, coef = torch._foreach_div([sum_mean, sum_sq, ones], [count, count, count])
     return mean_bar, sq_bar, coef, valid * coef if with_shares else None
 
 
