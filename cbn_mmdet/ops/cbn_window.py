@@ -30,7 +30,7 @@ import torch
 from ._bn_common import lerp_running_stats_, write_row_if_
 
 __all__ = ['window_row_length', 'empty_window', 'window_views', 'compensated_scratch', 'WindowViews',
-           'compensate', 'combine', 'keep_newest_', 'StepCommit', 'EMPTY_SQ']
+           'compensate', 'combine', 'window_slopes', 'keep_newest_', 'StepCommit', 'EMPTY_SQ']
 
 # Second moment of an empty slot: impossible for real data (E[y²] >= 0), so the slot is always dropped.
 EMPTY_SQ = -1.0
@@ -64,6 +64,7 @@ def window_views(window, num_features, groups):
     if groups == 1:
         views['mean_col'] = window[:, :c].unsqueeze(-1)
         views['mean_grad_col'] = window[:, d:].view(r, k, 1)
+        views['mean_grad_rows'] = window[:, d:]
     return views
 
 
@@ -74,15 +75,22 @@ def compensated_scratch(num_rows, num_features, dtype=None, device=None):
       ``(r, C)`` and ``mean_col`` ``(r, C, 1)`` that :func:`compensate` writes (the row of ones is written
       here, once): :func:`combine` takes both sums and the count of kept rows from it in one product and
       one sum;
-    * ``sums`` ``(3, C)``, where that sum goes, and its rows ``sum_parts``; ``ones`` ``(C,)``.
+    * ``sums`` ``(3, C)``, where that sum goes, and its rows ``sum_parts``; ``ones`` ``(C,)``;
+    * ``valid`` ``(r, C)``: 1 where :func:`combine` kept a row, else 0 (``valid_ring``: the rows but the
+      last, the stored entries); ``ring_weights`` ``(r − 1, C)`` with its views ``ring_weights_t``
+      ``(C, r − 1)`` and ``ring_weights_col`` ``(r − 1, C, 1)``, the weights :func:`window_slopes` takes.
 
     Made once per window; rewritten every step and only read within that step's forward (what a step keeps
     for its backward is computed from it, never a view of it)."""
     stats = torch.empty(3, num_rows, num_features, dtype=dtype, device=device)
     stats[2] = 1
     sums = torch.empty(3, num_features, dtype=dtype, device=device)
+    valid = torch.empty(num_rows, num_features, dtype=dtype, device=device)
+    ring_weights = torch.empty(num_rows - 1, num_features, dtype=dtype, device=device)
     return {'stats': stats, 'mean': stats[0], 'sq': stats[1], 'mean_col': stats[0].unsqueeze(-1), 'sums': sums,
-            'sum_parts': sums.unbind(0), 'ones': stats[2, 0]}
+            'sum_parts': sums.unbind(0), 'ones': stats[2, 0], 'valid': valid, 'valid_ring': valid[:-1],
+            'ring_weights': ring_weights, 'ring_weights_t': ring_weights.t(),
+            'ring_weights_col': ring_weights.unsqueeze(-1)}
 
 
 class WindowViews:
@@ -189,7 +197,10 @@ def combine(mean, sq, threshold, scratch=None, with_shares=True):
         ``coef`` ``(C,)`` = 1/(number of kept rows), and ``shares`` ``(r, C)``: each row's weight in the
         average (``coef`` where kept, 0 elsewhere).
     """
-    valid = torch.addcmul(sq, mean, mean, value=-1) >= threshold
+    if scratch is None:
+        valid = torch.addcmul(sq, mean, mean, value=-1) >= threshold
+    else:     # (as 0/1 in the window's dtype, written into the scratch: see compensated_scratch)
+        valid = torch.ge(torch.addcmul(sq, mean, mean, value=-1), threshold, out=scratch['valid'])
     if scratch is None:
         ones = torch.ones_like(mean[0])
         sum_mean, sum_sq, count = (valid * torch.stack((mean, sq, ones.expand_as(mean)))).sum(1).unbind(0)
@@ -200,6 +211,24 @@ def combine(mean, sq, threshold, scratch=None, with_shares=True):
     # the two averages and 1/count, one multi-tensor kernel
     mean_bar, sq_bar, coef = torch._foreach_div([sum_mean, sum_sq, ones], [count, count, count])
     return mean_bar, sq_bar, coef, valid * coef if with_shares else None
+
+
+def window_slopes(ring, weights, weights_t=None, weights_col=None):
+    """Weighted sums over the stored entries of their slopes: ``(Σ_τ w_τ,c·∂μ_τ/∂W[g(c)], Σ_τ w_τ,c·∂ν_τ/∂W[c])``,
+    each ``(C, K)``, for per-entry, per-channel weights ``weights`` ``(n, C)`` and the stored entries'
+    :func:`window_views` ``ring``. ``weights_t``/``weights_col``: ``weights.t()`` and ``weights.unsqueeze(-1)``
+    when the caller holds them already (views of a scratch: no view is taken per step)."""
+    weights_t = weights.t() if weights_t is None else weights_t
+    weights_col = weights.unsqueeze(-1) if weights_col is None else weights_col
+    mean_grad = ring['mean_grad']                                             # (n, groups, K)
+    n, groups, _ = mean_grad.shape
+    if groups == 1:
+        d_mean = torch.mm(weights_t, ring['mean_grad_rows'])
+    else:
+        c = weights.shape[1]
+        d_mean = torch.einsum('ngo,ngk->gok', weights.view(n, groups, c // groups), mean_grad).reshape(c, -1)
+    d_sq = (weights_col * ring['sq_grad']).sum(0)
+    return d_mean, d_sq
 
 
 def keep_newest_(ring, head, size, num_features):

@@ -52,6 +52,7 @@ from .cbn_window import (
     compensate,
     empty_window,
     window_row_length,
+    window_slopes,
     window_views,
 )
 from .distributed import get_world_size, sync_weighted_mean
@@ -655,15 +656,16 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 # the current entry goes into the staging row as its parts are computed
                 torch.addcmul(var_t, mean_t, mean_t, out=views.stage('sq', var_t.shape))
                 self._statistic_grads(x, weight, conv_input, views, mean_t)   # W_t, ∂μ/∂W, ∂ν/∂W into the row
-                mean, sq, coef, shares = self._window_average(views)
-                slopes = self._window_slopes(shares[:self.buffer_num]) if self._wants_window_gradient() else None
+                mean, sq, coef, _ = self._window_average(views, with_shares=False)
+                live = self._live_weight(weight) if self._wants_window_gradient() else None
+                slopes = self._ring_slopes(views) if live is not None else None
                 # Written at this step's backward, once its gradient is known to be finite.
                 commit = self._pending_commit = self._step_commit(None, mean_t, var_t, count, views=views)
-            mean, sq = self._attach_window_gradient((mean, sq), slopes, weight)
             if x.shape[0] == 0:
                 return self._empty_output(x)
             return cbn_normalise(x, *self._affine_params(mean.dtype), mean, torch.addcmul(sq, mean, mean, value=-1),
-                                 count, coef=coef, eps=self.eps, eps_inside_sqrt=self.eps_inside_sqrt, commit=commit)
+                                 count, coef=coef, eps=self.eps, eps_inside_sqrt=self.eps_inside_sqrt, commit=commit,
+                                 window_slopes=slopes, conv_weight=live)
 
     def _synced_window_forward(self, x, weight, conv_input):
         """SyncCBN's window step: the statistics are global (one all-reduce, differentiable) and the
@@ -680,7 +682,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 current = (mean_t.detach(), sq_t.detach())
                 views.write_staging_(mean=current[0], sq=current[1], weight=weight_t, mean_grad=mean_grad,
                                      sq_grad=sq_grad)
-                mean, sq, coef, shares = self._window_average(views)
+                mean, sq, coef, shares = self._window_average(views, with_shares=self._wants_window_gradient())
                 past = torch.stack((mean - coef * current[0], sq - coef * current[1]))
                 slopes = self._window_slopes(shares[:self.buffer_num]) if self._wants_window_gradient() else None
                 # Applied now: the entry is global (the same on every rank); a rank-local check of the
@@ -693,11 +695,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             out = self._normalise(x.to(mean.dtype), mean, var)
         return out.to(x.dtype)
 
-    def _window_average(self, views):
+    def _window_average(self, views, with_shares):
         """The window average of this step (the staging row holds the current entry): see ``combine``."""
         scratch = views.compensated
         mean, sq = compensate(views.rows, views.staging_weight, self.rho, out=scratch)
-        return combine(mean, sq, views.threshold, scratch=scratch, with_shares=self._wants_window_gradient())
+        return combine(mean, sq, views.threshold, scratch=scratch, with_shares=with_shares)
 
     def _staging_views(self, weight, conv_input):
         """The window's views, the layer materialised for the conv it is given; a step still waiting for
@@ -778,29 +780,34 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         return (rh, rw), (a, b)
 
     def _window_slopes(self, shares):
-        """``grad_through_window``: ``(2, C, K)``, dA/dW_t and dB/dW_t of the window terms.
+        """``grad_through_window`` (synced path): ``(2, C, K)``, dA/dW_t and dB/dW_t of the window terms.
 
         A = Σ_τ w_τ·(μ_τ + ρ·(W_t − W_τ)·∂μ_τ/∂W) with w_τ = kept_τ / n is linear in W_t, so
         dA_c/dW_t[c] = ρ·Σ_τ w_τ,c·∂μ_τ/∂W[g(c)] (same for B with ∂ν_τ/∂W), over the stored entries
         (``shares`` ``(n, C)``; the current entry's gradient is the closed form of the normalisation).
         """
-        ring = self._window_views().ring
-        n, c = shares.shape
-        shares = shares * self.rho
-        mean_grad = ring['mean_grad']                                             # (n, groups, K)
-        groups = mean_grad.shape[1]
-        if groups == 1:
-            d_mean = torch.mm(shares.t(), mean_grad.view(n, -1))
-        else:
-            d_mean = torch.einsum('ngo,ngk->gok', shares.view(n, groups, c // groups), mean_grad).reshape(c, -1)
-        d_sq = (shares.unsqueeze(-1) * ring['sq_grad']).sum(0)
-        return torch.stack((d_mean, d_sq))
+        return torch.stack(window_slopes(self._window_views().ring, shares * self.rho))
+
+    def _ring_slopes(self, views):
+        """``grad_through_window`` (``cbn_normalise``'s ``window_slopes``): ``−ρ·Σ_τ kept_τ,c·∂μ_τ/∂W`` and
+        ``−ρ·Σ_τ kept_τ,c·∂ν_τ/∂W`` over the stored entries, each ``(C, K)``: the window terms' slopes
+        without their factor ``c`` and sign, which the backward folds into its per-channel factors."""
+        scratch = views.compensated
+        torch.mul(scratch['valid_ring'], -self.rho, out=scratch['ring_weights'])
+        return window_slopes(views.ring, scratch['ring_weights'], scratch['ring_weights_t'],
+                             scratch['ring_weights_col'])
+
+    def _live_weight(self, weight):
+        """The weight the bound conv convolves with (the one the window terms' gradient goes to), or None
+        when it takes no gradient."""
+        live = weight if weight is not None else self._conv_weight(self.bound_conv)
+        return live if live.requires_grad else None
 
     def _attach_window_gradient(self, stats, slopes, weight):
         """Add ``(W − W.detach())·d[μ̄, S]/dW`` (exactly zero) to ``stats`` (``(μ̄, S)``): it attaches the
         window terms' gradient w.r.t. the live conv weight without re-running the window."""
-        live = weight if weight is not None else self._conv_weight(self.bound_conv)
-        if slopes is None or not live.requires_grad:
+        live = self._live_weight(weight)
+        if slopes is None or live is None:
             return stats
         w = live.to(slopes.dtype).reshape(slopes.shape[1], -1)
         return (torch.stack(stats) + ((w - w.detach()) * slopes).sum(-1)).unbind(0)

@@ -404,6 +404,33 @@ def test_grad_through_window_changes_only_the_weight_gradient():
         conv_a.weight.grad = conv_b.weight.grad = None
 
 
+@pytest.mark.parametrize('eps_inside_sqrt', [False, True])
+def test_grad_through_window_without_affine_equals_unit_affine(eps_inside_sqrt):
+    """affine=False is γ = 1, β = 0: the same outputs and gradients, window terms included (the BN kernel's
+    Σg(x − μ̄) is needed for them even without a γ to take it)."""
+    torch.manual_seed(0)
+    conv_a = nn.Conv2d(3, 4, 3, padding=1, bias=False).to(DT)
+    conv_b = copy.deepcopy(conv_a)
+    kwargs = dict(buffer_num=2, grad_through_window=True, eps_inside_sqrt=eps_inside_sqrt)
+    cbn_a = CrossIterationBatchNorm2d(4, **kwargs).to(DT)             # γ = 1, β = 0 (never stepped)
+    cbn_b = CrossIterationBatchNorm2d(4, affine=False, **kwargs).to(DT)
+    bind_cbn_to_conv(cbn_a, conv_a)
+    bind_cbn_to_conv(cbn_b, conv_b)
+    for it in range(5):
+        x = torch.randn(2, 3, 5, 5, dtype=DT)
+        probe = torch.randn(2, 4, 5, 5, dtype=DT)
+        grads = []
+        for conv, cbn in ((conv_a, cbn_a), (conv_b, cbn_b)):
+            xi = x.clone().requires_grad_()
+            (cbn(conv(xi)) * probe).sum().backward()
+            grads.append((xi.grad, conv.weight.grad.clone()))
+            with torch.no_grad():
+                conv.weight -= 0.05 * conv.weight.grad
+            conv.weight.grad = None
+        for a, b in zip(*grads):
+            torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+
+
 def test_two_forwards_before_one_backward_store_both_entries():
     """A module called twice before its backward (a shared head): each step's entry is written into the
     staging row, so the first step's pending entry must survive the second forward. Oracle: after the one
