@@ -1,8 +1,9 @@
 """Benchmark a whole Mask R-CNN R-50-FPN training step with each norm config of the CBN paper.
 
 Built from ``configs/cbn/`` (baseline, SyncBN, GN, CBN buffer3) plus a BN config derived from the SyncBN
-one (``type='BN'`` in the same places), CBN with ``stat_grad_sample=0.25`` and CBN computed the official
-way (the test oracle's module, ``tests/oracles/official_cbn.py``); same heads, same inputs (2 images
+one (``type='BN'`` in the same places), CBN with ``stat_grad_sample=0.25``, CBN computed the official
+way (the test oracle's module, ``tests/oracles/official_cbn.py``) and exact CBN's compute floor ``BN+wgrad``
+(BN in each CBN layer's place plus its conv's dν/dW weight-gradient); same heads, same inputs (2 images
 320x480), interleaved steps. Needs mmdet and a checkout (the configs, the oracle). The measurements live in
 ``cbn_mmdet.benchmark``; this script parses arguments and reports.
 

@@ -23,12 +23,15 @@ import torch.nn as nn
 
 from ..ops import CrossIterationBatchNorm2d, bind_cbn_convs
 from .memory import module_state_bytes, peak_step_bytes
+from .norm_bench import BNPlusWeightGrad
 
 __all__ = ['MODEL_VARIANTS', 'DEFAULT_VARIANTS', 'build_detector', 'run_model_benchmark']
 
 _CFG = 'mask_rcnn_r50_fpn_{}_1x.py'
 
-# name -> (paper config, modification); 'BN' is derived from the SyncBN config with type='BN'.
+# name -> (paper config, modification); 'BN' is derived from the SyncBN config with type='BN'. 'BN+wgrad' is
+# exact CBN's compute floor: BN in every CBN layer's place, each also computing its conv's dν/dW (the one
+# weight-gradient exact CBN adds) and discarding it.
 MODEL_VARIANTS = {
     'baseline': ('baseline', None),
     'BN': ('syncbn', 'bn'),
@@ -37,6 +40,7 @@ MODEL_VARIANTS = {
     'CBN': ('cbn_buffer3_burnin8', None),
     'CBN-fast': ('cbn_buffer3_burnin8', 'fast'),
     'CBN-official': ('cbn_buffer3_burnin8', 'official'),
+    'BN+wgrad': ('cbn_buffer3_burnin8', 'wgrad'),
 }
 DEFAULT_VARIANTS = tuple(MODEL_VARIANTS)
 FAST_SAMPLE = 0.25
@@ -88,17 +92,25 @@ def build_detector(variant, config_dir, device='cpu', rois_per_image=None, offic
         norm_cfg['stat_grad_sample'] = FAST_SAMPLE
         _set_norm(cfg, norm_cfg)
     model = MODELS.build(cfg.model)
-    if change == 'official':
+    if change in ('official', 'wgrad'):
         bind_cbn_convs(model)              # the layers not bound when the model was built
         cbn_layers = [(name, m) for name, m in model.named_modules() if isinstance(m, CrossIterationBatchNorm2d)]
         for name, cbn in cbn_layers:
             if cbn.bound_conv is None:
-                raise RuntimeError(f"CBN layer '{name}' has no bound conv: cannot replace it by the official one")
+                raise RuntimeError(f"CBN layer '{name}' has no bound conv: cannot replace it ({variant})")
             parent_name, _, child = name.rpartition('.')
-            setattr(model.get_submodule(parent_name), child, _OfficialCBNAdapter(cbn, cbn.bound_conv, official))
+            setattr(model.get_submodule(parent_name), child, _replacement(change, cbn, official))
         if not cbn_layers:
             raise RuntimeError(f'variant {variant!r}: the config builds no CBN layer to replace')
     return model.to(device).train()
+
+
+def _replacement(change, cbn, official):
+    conv = cbn.bound_conv
+    if change == 'official':
+        return _OfficialCBNAdapter(cbn, conv, official)
+    cbn.unbind()                          # the replaced layer must no longer capture the conv's input
+    return BNPlusWeightGrad(cbn.num_features, conv)
 
 
 def _inputs(device):
