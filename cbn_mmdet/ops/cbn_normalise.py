@@ -33,6 +33,9 @@ __all__ = ['cbn_normalise']
 _TINY_INV_STD = 1e-12
 
 
+# Position of conv_weight among _CBNNormalise.forward's inputs (ctx.needs_input_grad is indexed by it).
+_CONV_WEIGHT_ARG = 13
+
 _FILLED = {}
 _FILLED_MAX = 256
 
@@ -67,12 +70,13 @@ class _CBNNormalise(torch.autograd.Function):
         else:
             std = var.sqrt()
             one = _filled(std, 1.0)
-            # var_in = σ̄² + 2ε·std, the kernel's variance (see the module docstring); u, w for the backward;
-            # 1 − c, the window's share of the input gradient's constant
-            parts = [var, std, var] + ([one] if coef is not None else [])
-            factors = [std, one, std] + ([coef] if coef is not None else [])
-            var_in, u, w, *rest = torch._foreach_addcmul(parts, factors, [one] * len(parts),
-                                                         [2.0 * eps, eps, eps, -1.0][:len(parts)])
+            # base + scale·factor, one kernel: var_in = σ̄² + 2ε·std, the kernel's variance (see the module
+            # docstring); u and w for the backward; 1 − c, the window's share of the input gradient's constant
+            terms = [(var, std, 2.0 * eps), (std, one, eps), (var, std, eps)]
+            if coef is not None:
+                terms.append((one, coef, -1.0))
+            base, factor, scale = (list(t) for t in zip(*terms))
+            var_in, u, w, *rest = torch._foreach_addcmul(base, factor, [one] * len(terms), scale)
             bn_eps, saved = eps * eps, (u, w, rest[0] if rest else None)
         out = torch.ops.aten.native_batch_norm(x, weight, bias, mean, var_in, False, 0.0, bn_eps)[0]
         ctx.save_for_backward(x, weight, mean, coef, slope_mean, slope_sq, *saved)
@@ -87,7 +91,7 @@ class _CBNNormalise(torch.autograd.Function):
         var_factor, eps, eps_inside_sqrt, count, has_bias = ctx.config
         windowed = coef is not None
         through_window = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
-        to_conv = windowed and ctx.needs_input_grad[13]    # grad_through_window given its slopes
+        to_conv = windowed and ctx.needs_input_grad[_CONV_WEIGHT_ARG]    # grad_through_window: its slopes
         # (BN's backward kernels take any strides of grad_out, as torch's own BN backward relies on.)
         cf = coef if windowed else var_factor
         if eps_inside_sqrt:

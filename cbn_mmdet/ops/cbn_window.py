@@ -197,14 +197,13 @@ def combine(mean, sq, threshold, scratch=None, with_shares=True):
         ``coef`` ``(C,)`` = 1/(number of kept rows), and ``shares`` ``(r, C)``: each row's weight in the
         average (``coef`` where kept, 0 elsewhere).
     """
+    variance = torch.addcmul(sq, mean, mean, value=-1)
     if scratch is None:
-        valid = torch.addcmul(sq, mean, mean, value=-1) >= threshold
-    else:     # (as 0/1 in the window's dtype, written into the scratch: see compensated_scratch)
-        valid = torch.ge(torch.addcmul(sq, mean, mean, value=-1), threshold, out=scratch['valid'])
-    if scratch is None:
+        valid = variance >= threshold
         ones = torch.ones_like(mean[0])
         sum_mean, sum_sq, count = (valid * torch.stack((mean, sq, ones.expand_as(mean)))).sum(1).unbind(0)
-    else:
+    else:         # the mask as 0/1 in the window's dtype, into the scratch (window_slopes reads it)
+        valid = torch.ge(variance, threshold, out=scratch['valid'])
         ones = scratch['ones']
         torch.sum(valid * scratch['stats'], 1, out=scratch['sums'])
         sum_mean, sum_sq, count = scratch['sum_parts']

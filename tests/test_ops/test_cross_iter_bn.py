@@ -431,6 +431,16 @@ def test_grad_through_window_without_affine_equals_unit_affine(eps_inside_sqrt):
             torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
 
 
+def test_window_slopes_come_with_their_conv_weight_on_the_window_path():
+    from cbn_mmdet.ops.cbn_normalise import cbn_normalise
+    x, v = torch.randn(2, 4, 3, 3), torch.ones(4)
+    slopes = (torch.zeros(4, 9), torch.zeros(4, 9))
+    with pytest.raises(ValueError, match='window_slopes=True, conv_weight=False, coef=True'):
+        cbn_normalise(x, v, v, v * 0, v, 18, coef=v / 2, window_slopes=slopes)
+    with pytest.raises(ValueError, match='window_slopes=True, conv_weight=True, coef=False'):
+        cbn_normalise(x, v, v, v * 0, v, 18, window_slopes=slopes, conv_weight=torch.zeros(4, 1, 3, 3))
+
+
 def test_two_forwards_before_one_backward_store_both_entries():
     """A module called twice before its backward (a shared head): each step's entry is written into the
     staging row, so the first step's pending entry must survive the second forward. Oracle: after the one
