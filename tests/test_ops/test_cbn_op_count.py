@@ -7,6 +7,8 @@ and the one-kernel backward) so that a regression fails; where the remaining ops
 import pytest
 import torch
 import torch.nn as nn
+from torch._prims_common import is_non_overlapping_and_dense_or_false
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from cbn_mmdet.benchmark.op_count import count_aten_ops, norm_step_op_count
 from cbn_mmdet.ops import CrossIterationBatchNorm2d
@@ -49,3 +51,36 @@ def test_bn_step_for_reference():
     conv, norm, x = _case(nn.BatchNorm2d(8))
     total, _ = norm_step_op_count(conv, norm, x)
     assert total <= 8
+
+
+class _MultiTensorCalls(TorchDispatchMode):
+    """Records each ``_foreach_*`` call with what decides CUDA's fused path (torch's ForeachUtils): one
+    dtype over all operands, each operand dense and non-overlapping, paired operands of equal sizes and
+    strides. A call that fails it still runs, one kernel per tensor: the op count would understate it."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if 'foreach' in str(func):
+            lists = [a for a in args if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor)]
+            tensors = [t for lst in lists for t in lst]
+            paired = all(len({(tuple(lst[j].shape), lst[j].stride()) for lst in lists}) == 1
+                         for j in range(len(lists[0])))
+            fused = (len({t.dtype for t in tensors}) == 1 and paired
+                     and all(is_non_overlapping_and_dense_or_false(t) for t in tensors))
+            self.calls.append((str(func), fused, sorted(str(t.dtype) for t in tensors)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize('option', sorted(BUDGETS))
+def test_multi_tensor_calls_take_the_fused_path(option):
+    kwargs = dict(grad_through_window=True) if option == 'grad_through_window' else {}
+    conv, norm, x = _case(CrossIterationBatchNorm2d(8, buffer_num=3, **kwargs))
+    with _MultiTensorCalls() as mode:
+        norm(conv(x)).sum().backward()
+    assert len(mode.calls) >= 10, mode.calls
+    # the one exception: the ring position and the refusal counter (long) advanced by the step's flags (bool)
+    unfused = [(name, dtypes) for name, fused, dtypes in mode.calls if not fused]
+    assert unfused == [('aten._foreach_add_.List', ['torch.bool', 'torch.bool', 'torch.int64', 'torch.int64'])]
