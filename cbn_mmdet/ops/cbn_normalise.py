@@ -108,7 +108,7 @@ class _CBNNormalise(torch.autograd.Function):
             # variance path carries no gradient: floored there, before s, 1/s and inv = 1/u are taken in one
             # kernel, so that the kernel's γ' = a/s stays finite and consistent with s.
             s_sq = torch.div(coef, w) if windowed else torch.reciprocal(w).mul_(cf)
-            s_sq = torch.nan_to_num(s_sq, posinf=_TINY_INV_STD ** 2)
+            s_sq = torch.nan_to_num(s_sq, posinf=_TINY_INV_STD ** 2, neginf=_TINY_INV_STD ** 2)   # (w = −0.0)
             s, s_inv, inv = torch._foreach_pow([s_sq, s_sq, u], [0.5, -0.5, -1.0])
             inv_c = None
             if to_conv:    # ratio = inv/s, inv·(1 − c) for the window's constant, inv·c for the window terms

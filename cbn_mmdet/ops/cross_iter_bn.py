@@ -649,6 +649,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         if self._synced():
             return self._synced_window_forward(x, weight, conv_input)
         with autocast_off(x.device.type):
+            # grad_through_window: the weight the conv applies, with its graph (a WS conv's standardized
+            # weight is recomputed here, so not under no_grad: it would lose the graph to the raw weight)
+            live = self._live_weight(weight) if self._wants_window_gradient() else None
             with torch.no_grad():   # cbn_normalise differentiates through the moments itself
                 mean_t, var_t, count = self._batch_moments(x)
                 self._check_count(x)
@@ -657,7 +660,6 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 torch.addcmul(var_t, mean_t, mean_t, out=views.stage('sq', var_t.shape))
                 self._statistic_grads(x, weight, conv_input, views, mean_t)   # W_t, ∂μ/∂W, ∂ν/∂W into the row
                 mean, sq, coef, _ = self._window_average(views, with_shares=False)
-                live = self._live_weight(weight) if self._wants_window_gradient() else None
                 slopes = self._ring_slopes(views) if live is not None else None
                 # Written at this step's backward, once its gradient is known to be finite.
                 commit = self._pending_commit = self._step_commit(None, mean_t, var_t, count, views=views)

@@ -431,6 +431,55 @@ def test_grad_through_window_without_affine_equals_unit_affine(eps_inside_sqrt):
             torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize('conv_type', ['WeightStandardizedConv2d', 'CenteredConv2d'])
+def test_grad_through_window_reaches_the_raw_weight_of_a_transformed_conv(conv_type):
+    """A WS / centred conv applies a function of its raw weight: the window terms' gradient must flow
+    through it. Oracle: the same layer given that weight explicitly, forward(x, weight), with the transform
+    taken by autograd outside the layer."""
+    import torch.nn.functional as F
+
+    from cbn_mmdet.ops import weight_std_conv
+    transform = {'WeightStandardizedConv2d': weight_std_conv.weight_standardize,
+                 'CenteredConv2d': weight_std_conv.weight_center}[conv_type]
+    torch.manual_seed(0)
+    conv = getattr(weight_std_conv, conv_type)(3, 4, 3, padding=1, bias=False).to(DT)
+    raw = conv.weight.detach().clone().requires_grad_()
+    cbn_a = CrossIterationBatchNorm2d(4, buffer_num=2, grad_through_window=True).to(DT)
+    cbn_b = copy.deepcopy(cbn_a)
+    bind_cbn_to_conv(cbn_a, conv)
+    for it in range(4):
+        x = torch.randn(2, 3, 5, 5, dtype=DT)
+        probe = torch.randn(2, 4, 5, 5, dtype=DT)
+        (cbn_a(conv(x.clone().requires_grad_())) * probe).sum().backward()
+        weight = transform(raw)
+        (cbn_b(F.conv2d(x.clone().requires_grad_(), weight, padding=1), weight) * probe).sum().backward()
+        torch.testing.assert_close(conv.weight.grad, raw.grad, rtol=1e-9, atol=1e-10)
+        with torch.no_grad():
+            conv.weight -= 0.05 * conv.weight.grad
+            raw -= 0.05 * raw.grad
+        conv.weight.grad = raw.grad = None
+
+
+@pytest.mark.parametrize('windowed', [False, True])
+def test_normalise_treats_a_negative_zero_variance_as_zero(windowed):
+    """σ̄² = −0.0 (an exact cancellation) is a zero variance: the same output and finite gradients as +0.0."""
+    from cbn_mmdet.ops.cbn_normalise import cbn_normalise
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 4, dtype=DT)
+    probe = torch.randn_like(x)
+    results = []
+    for zero in (0.0, -0.0):
+        xi, gamma = x.clone().requires_grad_(), torch.ones(3, dtype=DT, requires_grad=True)
+        var_raw = torch.tensor([zero, 1.0, 2.0], dtype=DT)
+        coef = torch.full((3,), 0.5, dtype=DT) if windowed else None
+        out = cbn_normalise(xi, gamma, torch.zeros(3, dtype=DT), x.mean((0, 2, 3)), var_raw, 32, coef=coef)
+        (out * probe).sum().backward()
+        results.append((out.detach(), xi.grad, gamma.grad))
+    for positive, negative in zip(*results):
+        assert torch.isfinite(negative).all()
+        torch.testing.assert_close(negative, positive, rtol=0, atol=0)
+
+
 def test_window_slopes_come_with_their_conv_weight_on_the_window_path():
     from cbn_mmdet.ops.cbn_normalise import cbn_normalise
     x, v = torch.randn(2, 4, 3, 3), torch.ones(4)
