@@ -9,7 +9,7 @@ import torch
 from ._amp import compute_dtype
 
 __all__ = ['momentum_factor', 'lerp_running_stats_', 'batch_mean_var', 'empty_batch_output',
-           'check_values_per_channel', 'write_row_if_']
+           'check_values_per_channel', 'write_row_if_', 'cached_constant']
 
 
 def momentum_factor(momentum, num_batches_tracked, dtype):
@@ -74,3 +74,23 @@ def write_row_if_(buffer, row, value, ok):
     tensor), else unchanged, without reading either on the host: the row is rewritten with its own content."""
     index = row if row.dim() == 1 else row.view(1)
     buffer.index_copy_(0, index, torch.where(ok, value.to(buffer.dtype), buffer.index_select(0, index)))
+
+
+_CONSTANTS = {}
+_CONSTANTS_MAX = 512
+
+
+def cached_constant(key, make):
+    """``make()``, made once per ``key`` and reused from step to step: constant operands (a kernel's shape
+    stubs, a constant output gradient, a multi-tensor kernel's constant vector) would otherwise cost
+    dispatcher calls per layer per step. ``key`` must name everything the tensor depends on (shape, value,
+    dtype, device). Under ``torch.compile`` a fresh tensor each time (the graph holds its own constant). A
+    detector's shapes repeat, so a small cache, emptied when full, holds them."""
+    if getattr(torch.compiler, 'is_compiling', lambda: False)():
+        return make()
+    cached = _CONSTANTS.get(key)
+    if cached is None:
+        if len(_CONSTANTS) >= _CONSTANTS_MAX:
+            _CONSTANTS.clear()
+        cached = _CONSTANTS[key] = make()
+    return cached

@@ -26,6 +26,8 @@ instead of exactly 0.
 """
 import torch
 
+from ._bn_common import cached_constant
+
 __all__ = ['cbn_normalise']
 
 # Floor of the kernel's saved inverse std where the variance path carries no gradient (see above):
@@ -36,23 +38,11 @@ _TINY_INV_STD = 1e-12
 # Position of conv_weight among _CBNNormalise.forward's inputs (ctx.needs_input_grad is indexed by it).
 _CONV_WEIGHT_ARG = 13
 
-_FILLED = {}
-_FILLED_MAX = 256
-
-
 def _filled(like, value):
-    """A dense tensor of ``like``'s shape, dtype and device filled with ``value``, made once and reused: a
-    per-channel constant operand of a multi-tensor kernel (dense, so that a GPU takes its fused path)."""
-    compiling = getattr(torch.compiler, 'is_compiling', lambda: False)()
-    key = (tuple(like.shape), value, like.dtype, like.device)
-    cached = None if compiling else _FILLED.get(key)
-    if cached is None:
-        cached = torch.full_like(like, value, memory_format=torch.contiguous_format)
-        if not compiling:
-            if len(_FILLED) >= _FILLED_MAX:
-                _FILLED.clear()
-            _FILLED[key] = cached
-    return cached
+    """A dense tensor of ``like``'s shape, dtype and device filled with ``value``, cached: a per-channel
+    constant operand of a multi-tensor kernel (dense, so that a GPU takes its fused path)."""
+    return cached_constant(('filled', tuple(like.shape), value, like.dtype, like.device),
+                           lambda: torch.full_like(like, value, memory_format=torch.contiguous_format))
 
 
 class _CBNNormalise(torch.autograd.Function):
@@ -147,7 +137,8 @@ class _CBNNormalise(torch.autograd.Function):
         grad_mean = grad_var = grad_conv = None
         if through_window:
             # μ̄ and σ̄² given with graphs of their own: their gradients.
-            a = inv if weight is None else weight * inv
+            if a is None:
+                a = inv if weight is None else weight * inv
             grad_var = -0.5 * a * centred * s / cf          # dL/dσ̄² = −a·Σg(x−μ̄)·q/2, q = s²/(c·f)
             grad_mean = -a * sum_g
         if to_conv:

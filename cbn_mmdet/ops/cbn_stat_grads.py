@@ -21,28 +21,18 @@ import math
 import torch
 from torch.nn.modules.utils import _pair
 
+from ._bn_common import cached_constant
+
 __all__ = ['conv_output_size', 'mean_input_patch', 'second_moment_weight_grad', 'sampled_second_moment_weight_grad']
 
-# Expanded one-element tensors reused from step to step: the weight "stubs" ``convolution_backward`` needs
-# only for their shape, and the constant output gradient of the mean patch. Creating them is two
-# dispatcher calls each per layer per step; a detector's input sizes repeat, so a small cache holds them.
-_EXPANDED = {}
-_EXPANDED_MAX = 512
-
-
 def _expanded(like, shape, value=None):
-    """A one-element tensor of ``like``'s dtype/device expanded to ``shape`` (``value`` or uninitialised)."""
-    compiling = getattr(torch.compiler, 'is_compiling', lambda: False)()
-    key = (tuple(shape), value, like.dtype, like.device)
-    cached = None if compiling else _EXPANDED.get(key)
-    if cached is None:
+    """A one-element tensor of ``like``'s dtype/device expanded to ``shape`` (``value`` or uninitialised),
+    cached: the weight "stubs" ``convolution_backward`` needs only for their shape, and the constant output
+    gradient of the mean patch."""
+    def make():
         base = like.new_empty(1) if value is None else like.new_full((1,) * len(shape), value)
-        cached = base.expand(*shape)
-        if not compiling:
-            if len(_EXPANDED) >= _EXPANDED_MAX:
-                _EXPANDED.clear()
-            _EXPANDED[key] = cached
-    return cached
+        return base.expand(*shape)
+    return cached_constant(('expanded', tuple(shape), value, like.dtype, like.device), make)
 
 
 def _half_prescale(dtype, m):

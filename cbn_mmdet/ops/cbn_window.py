@@ -19,7 +19,8 @@ negative, so an empty slot fails the validity test ``ν − μ² ≥ 0`` that ev
 zero slopes keep its compensated values finite: no separate "filled" mask has to be read or written.
 
 Every function here is a pure function of tensors (plus ``*_`` ones that write the tensors they are
-given), with a fixed sequence of operators whatever the window holds: no branch on tensor values, no
+given, and :func:`compensate` / :func:`combine`, which write their per-row vectors into a scratch when
+given one), with a fixed sequence of operators whatever the window holds: no branch on tensor values, no
 host read, so a step never synchronises with the device and the functions trace under
 ``torch.compile(fullgraph=True)``.
 """
@@ -173,11 +174,11 @@ def compensate(views, weight_t, rho, out=None):
         mean_grad = views['mean_grad']
         groups = mean_grad.shape[1]
         dot = (delta.view(r, groups, c // groups, k) * mean_grad.unsqueeze(2)).sum(-1).view(r, c)
-        mean = torch.add(views['mean'], dot, alpha=rho, **({} if out is None else {'out': out['mean']}))
+        mean = torch.add(views['mean'], dot, alpha=rho, out=None if out is None else out['mean'])
     # The (r, C, K) product reuses delta's memory when no graph needs delta: one |window|-sized temporary
     # per step instead of two (on a CPU each fresh large temporary also pays its page faults).
     product = delta.mul_(views['sq_grad']) if not delta.requires_grad else delta * views['sq_grad']
-    sq = torch.add(views['sq'], product.sum(-1), alpha=rho, **({} if out is None else {'out': out['sq']}))
+    sq = torch.add(views['sq'], product.sum(-1), alpha=rho, out=None if out is None else out['sq'])
     return mean, sq
 
 
