@@ -72,24 +72,32 @@ def window_views(window, num_features, groups):
 def compensated_scratch(num_rows, num_features, dtype=None, device=None):
     """The per-step scratch of :func:`compensate` and :func:`combine` for a window of ``num_rows`` rows:
 
-    * ``stats`` ``(3, r, C)`` = ``[μ; ν; 1]`` of every compensated row, with the views ``mean``/``sq``
-      ``(r, C)`` and ``mean_col`` ``(r, C, 1)`` that :func:`compensate` writes (the row of ones is written
-      here, once): :func:`combine` takes both sums and the count of kept rows from it in one product and
-      one sum;
-    * ``sums`` ``(3, C)``, where that sum goes, and its rows ``sum_parts``; ``ones`` ``(C,)``;
-    * ``valid`` ``(r, C)``: 1 where :func:`combine` kept a row, else 0 (``valid_ring``: the rows but the
-      last, the stored entries); ``ring_weights`` ``(r − 1, C)`` with its views ``ring_weights_t``
-      ``(C, r − 1)`` and ``ring_weights_col`` ``(r − 1, C, 1)``, the weights :func:`window_slopes` takes.
+    * ``stats`` ``(r, C, 3)`` = ``[μ, ν, 1]`` of every compensated row and channel, with the views
+      ``mean``/``sq`` ``(r, C)`` and ``mean_col`` ``(r, C, 1)`` that :func:`compensate` writes (the ones
+      are written here, once); ``stats_by_channel`` ``(C, r, 3)`` is the same memory per channel:
+      :func:`combine` takes both sums and the count of kept rows from it in ONE batched product
+      ``valid_by_channel @ stats_by_channel`` (per channel ``(1, r) @ (r, 3)``), not a product and a sum;
+    * ``valid`` ``(r, C)``: 1 where :func:`combine` kept a row, else 0, stored channel-major so that
+      ``valid_by_channel`` ``(C, 1, r)`` is a view of it (``valid_ring``: the rows but the last, the stored
+      entries); ``ring_weights`` ``(r − 1, C)`` with its views ``ring_weights_t`` ``(C, r − 1)`` and
+      ``ring_weights_col`` ``(r − 1, C, 1)``, the weights :func:`window_slopes` takes;
+    * ``sums`` ``(3, C)``, where the product goes (``sums_by_channel`` ``(C, 1, 3)``, its view in the
+      product's shape), and its rows ``sum_parts``; ``ones`` ``(C,)``.
 
-    Made once per window; rewritten every step and only read within that step's forward (what a step keeps
-    for its backward is computed from it, never a view of it)."""
-    stats = torch.empty(3, num_rows, num_features, dtype=dtype, device=device)
-    stats[2] = 1
+    Every operand is a view with a unit stride in one of its last two dimensions, so a GPU's batched
+    matrix product takes it as it is (no copy). Made once per window; rewritten every step and only read
+    within that step's forward (what a step keeps for its backward is computed from it, never a view of it).
+    """
+    stats = torch.empty(num_rows, num_features, 3, dtype=dtype, device=device)
+    stats[..., 2] = 1
     sums = torch.empty(3, num_features, dtype=dtype, device=device)
-    valid = torch.empty(num_rows, num_features, dtype=dtype, device=device)
+    valid_by_channel = torch.empty(num_features, num_rows, dtype=dtype, device=device)
+    valid = valid_by_channel.t()
     ring_weights = torch.empty(num_rows - 1, num_features, dtype=dtype, device=device)
-    return {'stats': stats, 'mean': stats[0], 'sq': stats[1], 'mean_col': stats[0].unsqueeze(-1), 'sums': sums,
-            'sum_parts': sums.unbind(0), 'ones': stats[2, 0], 'valid': valid, 'valid_ring': valid[:-1],
+    return {'stats': stats, 'stats_by_channel': stats.transpose(0, 1), 'mean': stats[..., 0], 'sq': stats[..., 1],
+            'mean_col': stats[..., :1], 'sums': sums, 'sums_by_channel': sums.t().unsqueeze(1),
+            'sum_parts': sums.unbind(0), 'ones': torch.ones(num_features, dtype=dtype, device=device),
+            'valid': valid, 'valid_by_channel': valid_by_channel.unsqueeze(1), 'valid_ring': valid[:-1],
             'ring_weights': ring_weights, 'ring_weights_t': ring_weights.t(),
             'ring_weights_col': ring_weights.unsqueeze(-1)}
 
@@ -190,7 +198,7 @@ def combine(mean, sq, threshold, scratch=None, with_shares=True):
         threshold: ``(r, 1)``; a row is kept where ``sq − mean² ≥ threshold`` (official rule for past
             entries: 0; the current entry: ``−inf``, always kept; empty slots never pass 0).
         scratch: the :func:`compensated_scratch` whose ``mean`` and ``sq`` these are: both sums and the
-            count are then one product and one sum into its ``sums``, and no tensor is stacked or split.
+            count are then one batched matrix product into its ``sums``, and no tensor is stacked or split.
         with_shares: False when the caller does not need ``shares`` (returned as None: one op fewer).
 
     Returns:
@@ -206,7 +214,8 @@ def combine(mean, sq, threshold, scratch=None, with_shares=True):
     else:         # the mask as 0/1 in the window's dtype, into the scratch (window_slopes reads it)
         valid = torch.ge(variance, threshold, out=scratch['valid'])
         ones = scratch['ones']
-        torch.sum(valid * scratch['stats'], 1, out=scratch['sums'])
+        # per channel, (1, r) kept-row mask times the (r, 3) rows [μ, ν, 1]: Σμ, Σν and the count at once
+        torch.bmm(scratch['valid_by_channel'], scratch['stats_by_channel'], out=scratch['sums_by_channel'])
         sum_mean, sum_sq, count = scratch['sum_parts']
     # the two averages and 1/count, one multi-tensor kernel
     mean_bar, sq_bar, coef = torch._foreach_div([sum_mean, sum_sq, ones], [count, count, count])
