@@ -7,8 +7,9 @@ but not the operators a kernel calls internally (the mode is disabled inside ``_
 i.e. exactly the top-level aten ops.
 
 A norm step is measured as ``ops(conv + norm) − ops(conv alone)`` (forward, ``sum`` loss and
-backward each time), so the conv's own forward and backward are excluded but every extra conv-shaped
-op the norm issues (CBN's ∂ν/∂W weight-gradient) is counted.
+backward each time, gradients cleared before, as a training loop clears them), so the conv's own forward
+and backward are excluded but every extra conv-shaped op the norm issues (CBN's ∂ν/∂W weight-gradient)
+is counted.
 """
 from collections import Counter
 
@@ -46,6 +47,11 @@ def count_aten_ops(fn, *args, **kwargs):
 
 
 def _train_step(conv, norm, x):
+    # Gradients cleared first, as a training loop's ``optimizer.zero_grad()`` (set_to_none) leaves them:
+    # backward then stores each parameter's gradient instead of adding it to the last step's.
+    for module in (conv, norm):
+        for p in ([] if module is None else module.parameters()):
+            p.grad = None
     out = conv(x) if norm is None else norm(conv(x))
     out.sum().backward()
 

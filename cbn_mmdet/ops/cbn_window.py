@@ -114,12 +114,18 @@ class WindowViews:
     * ``head``: the ring position as a 1-element index (``index_copy_`` takes no 0-dim index), and
       ``staging_index`` the staging row's;
     * ``staging_weight``: the staging row's ``W_t`` ``(C, K)``, what the rows are compensated to;
-    * ``compensated``: the :func:`compensated_scratch` a step's :func:`compensate` writes into.
+    * ``compensated``: the :func:`compensated_scratch` a step's :func:`compensate` writes into;
+    * ``targets``: ``(2, C)``, the step's running-statistics targets ``[μ_t, var_t·M/(M−1)]``, written
+      with the entry (the parts ``target_mean``/``target_var`` of :meth:`stage`): packed so that the
+      commit chooses both with one ``where`` when the running statistics are packed too;
+    * with ``head_pack`` (the ring position stored as ``[head, 1, 0]``, see :class:`StepCommit`):
+      ``step_if_ok`` ``[n, 0, 1]`` and ``step`` ``(3,)`` with its views ``step_source`` ``(1,)``,
+      ``step_refused`` and ``step_advance``.
 
     A view is a dispatcher call; taking them once keeps them out of every step.
     """
 
-    def __init__(self, window, head, num_features, groups):
+    def __init__(self, window, head, num_features, groups, head_pack=None):
         self.window, self.head_buffer = window, head
         n = window.shape[0] - 1
         self.num_entries, self.num_features = n, num_features
@@ -135,6 +141,14 @@ class WindowViews:
         self._parts = {name: view[n] for name, view in self.rows.items()}
         self.staging_weight = self._parts['weight']
         self.compensated = compensated_scratch(n + 1, num_features, dtype=window.dtype, device=window.device)
+        self.targets = torch.empty(2, num_features, dtype=window.dtype, device=window.device)
+        self._parts['target_mean'], self._parts['target_var'] = self.targets.unbind(0)
+        self.step_table = head_pack
+        if head_pack is not None:
+            self.step_if_ok = torch.tensor([n, 0, 1], dtype=head.dtype, device=head.device)
+            self.step = torch.empty(3, dtype=head.dtype, device=head.device)
+            self.step_source = self.step[:1]
+            self.step_refused, self.step_advance = self.step.unbind(0)[1:]
         self._shaped = {}
 
     def matches(self, window, head):
@@ -153,6 +167,14 @@ class WindowViews:
         ``mean_grad``, ``sq_grad``), any dtype and shape of the right size: one multi-tensor copy."""
         tensors = list(parts.values())
         torch._foreach_copy_([self.stage(name, t.shape) for name, t in parts.items()], tensors)
+
+    def finish_entry_(self, mean, unbiased_factor):
+        """Once :meth:`write_staging_` has put ``var_t`` into the parts ``sq`` and ``target_var``: the
+        second moment ``ν_t = var_t + μ_t²`` and the running variance's target ``var_t·M/(M−1)``
+        (``unbiased_factor``), in place, one multi-tensor kernel."""
+        target = self._parts['target_var']
+        torch._foreach_addcmul_([self.stage('sq', mean.shape), target], [mean, target],
+                                [mean, self.compensated['ones']], [1.0, unbiased_factor - 1.0])
 
 
 def compensate(views, weight_t, rho, out=None):
@@ -262,18 +284,31 @@ class StepCommit:
 
     The window entry is the staging row (``views.staging``, written by the forward). A second training
     forward of the layer before this step's backward (a module called twice) would overwrite it: the layer
-    calls :meth:`own_row` first, which gives the commit a copy of its row.
+    calls :meth:`own_row` first, which gives the commit a copy of its row (and of its targets).
+
+    Two layouts make the commit short; the layer keeps them (and the commit falls back to one ``where``
+    per tensor when a buffer was replaced behind its back):
+
+    * ``running_pack``: ``running_mean`` and ``running_var`` as the rows of one ``(2, C)`` tensor, and
+      ``targets`` ``(2, C)`` likewise: one ``where`` and one ``lerp_`` update both;
+    * the ring position stored as element 0 of ``[head, 1, 0]`` (``views.step_table``): the values of a
+      refused step for (source row of the ring write, refusals, advance of the ring); ``views.step_if_ok``
+      ``[n, 0, 1]`` holds an accepted step's. One ``where`` then gives all three, and the ring position and
+      the refusal counter advance by them in one fused multi-tensor add of like dtypes.
     """
 
     __slots__ = ('check', 'num_nonfinite', 'running', 'targets', 'factor', 'views', 'row', 'keep', 'usable',
-                 'num_batches', 'pending')
+                 'num_batches', 'pending', 'running_pack')
 
     def __init__(self, check, num_nonfinite, running=(), targets=(), factor=0.0, views=None, keep=None,
-                 usable=None, num_batches=None):
+                 usable=None, num_batches=None, running_pack=None):
         self.check, self.num_nonfinite, self.usable = check, num_nonfinite, usable
         # a refused step is taken back from this counter (the cumulative average's count)
         self.num_batches = num_batches
-        self.running, self.targets, self.factor = list(running), list(targets), factor
+        self.running, self.factor = list(running), factor
+        # a (2, C) tensor (the views' targets) or a pair of (C,) tensors
+        self.targets = targets if isinstance(targets, torch.Tensor) else list(targets)
+        self.running_pack = running_pack if self.running and isinstance(targets, torch.Tensor) else None
         self.views, self.keep = views, keep
         self.row = None if views is None else views.staging
         if views is not None:
@@ -284,8 +319,10 @@ class StepCommit:
         """Detach the entry from the staging row (before a later forward overwrites it)."""
         if self.pending and self.row is not None and self.row is self.views.staging:
             self.row = self.check = self.row.clone()
+            if isinstance(self.targets, torch.Tensor) and self.targets is self.views.targets:
+                self.targets = self.targets.clone()
 
-    def rebind(self, views, num_nonfinite, running, num_batches):
+    def rebind(self, views, num_nonfinite, running, num_batches, running_pack=None):
         """Point the commit at a layer's new buffers (the module was cast, e.g. ``.double()``, between the
         step's forward and its backward): the entry is copied out of the old window first, in the new
         window's dtype."""
@@ -294,6 +331,7 @@ class StepCommit:
         self.views, self.num_nonfinite, self.num_batches = views, num_nonfinite, num_batches
         if self.running:
             self.running = list(running)
+            self.running_pack = running_pack if isinstance(self.targets, torch.Tensor) else None
 
     def apply(self, grad_stat=None):
         if not self.pending:    # applied already, or given up by the layer (see rebind's caller)
@@ -307,28 +345,45 @@ class StepCommit:
         else:
             total = torch.add(*torch._foreach_norm([self.check, grad_stat], 1))
         ok = total < math.inf
-        refused = ok.logical_not()
-        if self.views is None:
+        views = self.views
+        # the staging row into the ring, by the packed ring position (see the class docstring)
+        packed_step = (views is not None and self.usable is None and self.row is views.staging
+                       and views.step_table is not None)
+        if packed_step:
+            torch.where(ok, views.step_if_ok, views.step_table, out=views.step)
+            refused = views.step_refused
+        else:
+            refused = ok.logical_not()
+        if views is None:
             self.num_nonfinite.add_(refused)
         if self.num_batches is not None:
             self.num_batches.sub_(refused.to(self.num_batches.dtype))
-        if self.running:
+        if self.running_pack is not None:
+            pack, targets = self.running_pack, self.targets
+            factor = self.factor.to(pack.dtype) if isinstance(self.factor, torch.Tensor) else self.factor
+            pack.lerp_(torch.where(ok, targets if targets.dtype == pack.dtype else targets.to(pack.dtype), pack),
+                       factor)
+        elif self.running:
             mean, var = (torch.where(ok, t.to(r.dtype), r) for r, t in zip(self.running, self.targets))
             lerp_running_stats_(*self.running, mean, var, self.factor)
-        if self.views is not None:
-            views = self.views
-            # ``usable``: e.g. a synced layer's global batch was not empty
-            write = ok if self.usable is None else ok & self.usable
+        if views is not None:
             head = views.head_buffer
-            if self.row is views.staging:
-                # the ring slot takes the staging row, or its own content back: a choice of index, not
-                # a row-sized ``where`` (index_copy_ takes no source that overlaps its destination)
-                source = views.window.index_select(0, torch.where(write, views.staging_index, views.head))
+            if packed_step:
+                source = views.window.index_select(0, views.step_source)
                 views.window.index_copy_(0, views.head, source)
+                torch._foreach_add_([head, self.num_nonfinite], [views.step_advance, refused])
             else:
-                write_row_if_(views.window, views.head, self.row, write)
-            # the ring advances where the entry was written; the refusal counter in the same kernel
-            torch._foreach_add_([head, self.num_nonfinite], [write, refused])
+                # ``usable``: e.g. a synced layer's global batch was not empty
+                write = ok if self.usable is None else ok & self.usable
+                if self.row is views.staging:
+                    # the ring slot takes the staging row, or its own content back: a choice of index, not
+                    # a row-sized ``where`` (index_copy_ takes no source that overlaps its destination)
+                    source = views.window.index_select(0, torch.where(write, views.staging_index, views.head))
+                    views.window.index_copy_(0, views.head, source)
+                else:
+                    write_row_if_(views.window, views.head, self.row, write)
+                # the ring advances where the entry was written; the refusal counter in the same kernel
+                torch._foreach_add_([head, self.num_nonfinite], [write, refused])
             head.remainder_(views.num_entries)
             if self.keep is not None:
                 keep_newest_(views.ring_rows, head, self.keep, views.num_features)

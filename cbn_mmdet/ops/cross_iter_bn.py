@@ -189,6 +189,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self._conv_name = None
         self._bind_error = None
         self._layer_name = None
+        self._running_pack = self._head_pack = None   # see _pack_small_buffers
+        self._pack_small_buffers()
         if self.buffer_num > 0:
             queue_for_binding(self)
 
@@ -253,6 +255,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         # copied conv and the copied hooks; see _binding).
         super().__setstate__(state)
         self._views = self._pending_commit = None
+        self._pack_small_buffers()
         if self.buffer_num > 0 and self._binding is None:
             queue_for_binding(self)
 
@@ -268,11 +271,13 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         # stays on the old device): its entry is not stored, and the layer says so.
         pending = self._pending_commit
         result = super()._apply(fn, *args, **kwargs)
+        self._pack_small_buffers()    # the cast buffers, packed again (before any DDP wrapper collects them)
         if pending is not None and pending.pending:
             if pending.views.window.device == self._buffers['window'].device:
                 running = (self.running_mean, self.running_var) if self.track_running_stats else ()
                 pending.rebind(self._window_views(), self.num_nonfinite, running,
-                               self.num_batches_tracked if pending.num_batches is not None else None)
+                               self.num_batches_tracked if pending.num_batches is not None else None,
+                               running_pack=self._packed_running_stats())
             else:
                 pending.pending = False
                 self._pending_commit = None
@@ -303,6 +308,45 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         return getter() if getter is not None else conv.weight
 
     # ------------------------------------------------------------------ state
+    def _pack_small_buffers(self):
+        """Store ``running_mean``/``running_var`` as the two rows of one ``(2, C)`` tensor and
+        ``window_head`` as element 0 of ``[head, 1, 0]``: the buffers stay what they were (same names,
+        shapes, values, state dict), but a step's commit updates both running statistics with one
+        ``where`` and one ``lerp_``, and advances the ring with one ``where`` (see ``StepCommit``).
+
+        Run at construction, after every ``_apply`` (``.to()``, ``.half()``, which replace buffers) and
+        after unpickling (``pickle`` keeps the objects but not that they share memory); a buffer replaced
+        otherwise (assigned, ``load_state_dict(assign=True)``) is noticed by an identity test, and the
+        commit falls back to one ``where`` per tensor: slower, same values."""
+        rm, rv = self._buffers.get('running_mean'), self._buffers.get('running_var')
+        if rm is not None and rv is not None and not _shares_memory(self._packed_running_stats(), (rm, rv)) \
+                and rm.shape == rv.shape and rm.dtype == rv.dtype and rm.device == rv.device:
+            pack = torch.stack((rm, rv))
+            rm, rv = pack.unbind(0)
+            self._buffers['running_mean'], self._buffers['running_var'] = rm, rv
+            self._running_pack = (pack, rm, rv)
+        head = self._buffers.get('window_head')
+        if head is not None and not _shares_memory(self._packed_head(), (head,)) and head.dim() == 0:
+            pack = torch.stack((head, torch.ones_like(head), torch.zeros_like(head)))
+            self._buffers['window_head'] = head = pack[0]
+            self._head_pack = (pack, head)
+            self._views = None
+
+    def _packed_running_stats(self):
+        """The ``(2, C)`` tensor whose rows are ``running_mean`` and ``running_var``, if they still are."""
+        packed = getattr(self, '_running_pack', None)
+        if packed is not None and self._buffers.get('running_mean') is packed[1] \
+                and self._buffers.get('running_var') is packed[2]:
+            return packed[0]
+        return None
+
+    def _packed_head(self):
+        """``[window_head, 1, 0]``, if ``window_head`` is still its element 0."""
+        packed = getattr(self, '_head_pack', None)
+        if packed is not None and self._buffers.get('window_head') is packed[1]:
+            return packed[0]
+        return None
+
     def reset_window_rows(self):
         """Every row empty (the ring position is kept)."""
         self.window.zero_()
@@ -323,7 +367,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             # module cast to half (.half(), .bfloat16()) keeps its window in float32.
             window = self._buffers['window'] = window.float()
         if self._views is None or not self._views.matches(window, head):
-            self._views = WindowViews(window, head, self.num_features, self._groups)
+            self._views = WindowViews(window, head, self.num_features, self._groups, head_pack=self._packed_head())
         return self._views
 
     # Named parts of the stored entries (views: writing them writes the window).
@@ -571,27 +615,32 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         mean, var = batch_mean_var(x)     # BN's one-pass (Welford) kernel, float32+ statistics
         return mean, var, count
 
-    def _step_commit(self, check, mean, biased_var, count, views=None, usable=None):
+    def _step_commit(self, check, mean, biased_var, count, views=None, usable=None, targets=None):
         """What this training step writes (running statistics, window entry), as a :class:`StepCommit`.
 
         ``check``: the statistics whose finiteness decides (with the gradient's, when applied in backward)
         whether the step enters anything; ``views``: the window's views when the staging row holds an
-        entry to store (then the whole entry is checked, and ``check`` is not needed).
+        entry to store (then the whole entry is checked, and ``check`` is not needed); ``targets``: the
+        views' ``(2, C)`` targets when the forward wrote them (``finish_entry_``).
         """
-        running, targets, factor = (), (), 0.0
+        running, factor = (), 0.0
         if self.track_running_stats:
             factor = self._momentum_factor()
-            if isinstance(count, torch.Tensor):
+            if targets is not None:
+                running = (self.running_mean, self.running_var)
+            elif isinstance(count, torch.Tensor):
                 # Global count of a synced batch (a tensor: no host sync). An empty global batch
                 # leaves the statistics untouched; a single value gives a zero variance.
                 factor = (count > 0).to(mean.dtype) * factor
                 unbiased = biased_var * (count / (count - 1).clamp_min(1))
             else:
                 unbiased = biased_var * (count / (count - 1))
-            running, targets = (self.running_mean, self.running_var), (mean, unbiased)
-        return StepCommit(check, self.num_nonfinite, running, targets, factor, views=views,
-                          keep=self._keep_size if views is not None else None, usable=usable,
-                          num_batches=self.num_batches_tracked if self.momentum is None else None)
+            if targets is None:
+                running, targets = (self.running_mean, self.running_var), (mean, unbiased)
+        return StepCommit(check, self.num_nonfinite, running, () if targets is None else targets, factor,
+                          views=views, keep=self._keep_size if views is not None else None, usable=usable,
+                          num_batches=self.num_batches_tracked if self.momentum is None else None,
+                          running_pack=self._packed_running_stats())
 
     def _check_count(self, x):
         if not self._synced():   # (a synced layer's count is global, checked on the device)
@@ -656,13 +705,15 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 mean_t, var_t, count = self._batch_moments(x)
                 self._check_count(x)
                 views = self._staging_views(weight, conv_input)
-                # the current entry goes into the staging row as its parts are computed
-                torch.addcmul(var_t, mean_t, mean_t, out=views.stage('sq', var_t.shape))
-                self._statistic_grads(x, weight, conv_input, views, mean_t)   # W_t, ∂μ/∂W, ∂ν/∂W into the row
+                # the current entry goes into the staging row as its parts are computed: μ_t, var_t, W_t,
+                # ∂μ/∂W, ∂ν/∂W (and the running statistics' targets), then ν_t = var_t + μ_t²
+                self._statistic_grads(x, weight, conv_input, views, mean_t, var_t)
+                views.finish_entry_(mean_t, count / (count - 1))
                 mean, sq, coef, _ = self._window_average(views, with_shares=False)
                 slopes = self._ring_slopes(views) if live is not None else None
                 # Written at this step's backward, once its gradient is known to be finite.
-                commit = self._pending_commit = self._step_commit(None, mean_t, var_t, count, views=views)
+                commit = self._pending_commit = self._step_commit(None, mean_t, var_t, count, views=views,
+                                                                  targets=views.targets)
             if x.shape[0] == 0:
                 return self._empty_output(x)
             return cbn_normalise(x, *self._affine_params(mean.dtype), mean, torch.addcmul(sq, mean, mean, value=-1),
@@ -717,11 +768,12 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         # Read under no_grad: whether the caller's grad mode (outside the statistics block) is on.
         return self.grad_through_window and self._grad_mode
 
-    def _statistic_grads(self, x, weight, conv_input, views=None, mean_t=None):
+    def _statistic_grads(self, x, weight, conv_input, views=None, mean_t=None, var_t=None):
         """W_t (detached), dμ/dW and dν/dW of the current iteration.
 
-        With ``views`` (and the current mean ``mean_t``) they are written into the staging row together
-        with μ_t, and nothing is returned; without, ``(W_t, dμ/dW, dν/dW)`` (dν/dW in W's shape). The
+        With ``views`` (and the current mean and variance ``mean_t``, ``var_t``) they are written into
+        the staging row together with μ_t and var_t (into ``sq``; and both into the running statistics'
+        targets), and nothing is returned; without, ``(W_t, dμ/dW, dν/dW)`` (dν/dW in W's shape). The
         slopes are computed from the conv's input and output in their own dtype (half under autocast: the
         large tensors are not copied to float32) and stored in the window's dtype.
         """
@@ -741,8 +793,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                                              raw=True)
                 geometry = (weight_t.shape, conv.stride, conv.padding, conv.dilation, conv.groups)
                 out = None
-                if views is not None:   # μ_t, W_t, dμ/dW in one multi-tensor copy; dν/dW written in place
-                    views.write_staging_(mean=mean_t, weight=weight_t, mean_grad=mean_grad)
+                if views is not None:   # μ_t, var_t, W_t, dμ/dW in one multi-tensor copy; dν/dW in place
+                    views.write_staging_(mean=mean_t, sq=var_t, weight=weight_t, mean_grad=mean_grad,
+                                         target_mean=mean_t, target_var=var_t)
                     out = views.stage('sq_grad', weight_t.shape)
                 if self._sample_step is None:
                     sq_grad = second_moment_weight_grad(inp, x.detach(), *geometry, out=out)
@@ -771,7 +824,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         weight_t, mean_grad, sq_grad = weight.detach(), grads[0].detach(), grads[1].detach()
         if views is None:
             return weight_t, mean_grad, sq_grad
-        views.write_staging_(mean=mean_t, weight=weight_t, mean_grad=mean_grad, sq_grad=sq_grad)
+        views.write_staging_(mean=mean_t, sq=var_t, weight=weight_t, mean_grad=mean_grad, sq_grad=sq_grad,
+                             target_mean=mean_t, target_var=var_t)
         return None
 
     def _sample_grid(self, out_size):
@@ -838,6 +892,14 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self._buffers['window'] = empty_window(self.buffer_num + 1, length, c, dtype=window.dtype,
                                                device=window.device)
         self._views = None
+
+
+def _shares_memory(pack, views):
+    """Whether ``views`` are still the leading elements of ``pack``'s rows (``pack`` may be None)."""
+    if pack is None:
+        return False
+    step = pack.stride(0) * pack.element_size()
+    return all(v.device == pack.device and v.data_ptr() == pack.data_ptr() + i * step for i, v in enumerate(views))
 
 
 def _check_bool(name, value):
