@@ -124,7 +124,9 @@ def test_efficient_path_keeps_gradients(guard):
     _apply('efficient_conv_bn_eval', model)(x).square().sum().backward()
     reference(x).square().sum().backward()
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+        # float32 sums of terms up to ~1e3: an element's rounding is relative to the gradient's scale
+        # (a misplaced eps = 1e-2 would be off by ~1e-2 of it)
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6 * float(q.grad.abs().max()), msg=name)
 
 
 def test_unknown_weight_transform_is_refused(guard):

@@ -493,9 +493,11 @@ def test_window_slopes_come_with_their_conv_weight_on_the_window_path():
 def test_two_forwards_before_one_backward_store_both_entries():
     """A module called twice before its backward (a shared head): each step's entry is written into the
     staging row, so the first step's pending entry must survive the second forward. Oracle: after the one
-    backward the ring holds both batches' own means (torch's mean of the conv outputs), and nothing else."""
+    backward the ring holds both batches' own means (torch's mean of the conv outputs), and nothing else;
+    the running statistics took each batch's own mean and unbiased variance once (in either order)."""
     conv, cbn = _bound(buffer_num=3)
     _step(conv, cbn, torch.randn(2, 3, 5, 5, dtype=DT))             # window path from here on (burnin=0)
+    running = (cbn.running_mean.clone(), cbn.running_var.clone())
     xs = [torch.randn(2, 3, 5, 5, dtype=DT) + 3 * i for i in (1, 2)]
     ys, outs = [], []
     for x in xs:                            # conv, norm, conv, norm: then one backward for both
@@ -507,6 +509,12 @@ def test_two_forwards_before_one_backward_store_both_entries():
     assert stored.shape == (3, 4) and int(cbn.window_head) == 0
     for mean in expected:
         assert torch.isclose(stored, mean, rtol=1e-12, atol=1e-12).all(1).any(), (mean, stored)
+    m = cbn.momentum
+    batch = [(y.detach().mean((0, 2, 3)), y.detach().var((0, 2, 3))) for y in ys]
+    orders = [[torch.lerp(torch.lerp(r, a[i], m), b[i], m) for i, r in enumerate(running)]
+              for a, b in (batch, batch[::-1])]
+    assert any(all(torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+                   for got, want in zip((cbn.running_mean, cbn.running_var), order)) for order in orders)
 
 
 def test_a_cast_between_forward_and_backward_stores_the_step_in_the_new_window():
