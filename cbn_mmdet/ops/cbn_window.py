@@ -145,7 +145,8 @@ class WindowViews:
         self._parts['target_mean'], self._parts['target_var'] = self.targets.unbind(0)
         self.step_table = head_pack
         if head_pack is not None:
-            self.step_if_ok = torch.tensor([n, 0, 1], dtype=head.dtype, device=head.device)
+            self.step_if_ok = torch.zeros(3, dtype=head.dtype, device=head.device)
+            self.step_if_ok[0], self.step_if_ok[2] = n, 1      # (fills: no host data copied to the device)
             self.step = torch.empty(3, dtype=head.dtype, device=head.device)
             self.step_source = self.step[:1]
             self.step_refused, self.step_advance = self.step.unbind(0)[1:]
